@@ -1,0 +1,473 @@
+//! The ClientMessage binary codec: one message per websocket binary frame.
+//!
+//! Layout (all integers big-endian), from [P] `src/message/clientmessage.go` (consts
+//! `ClientMessage_*Offset`) and [P] `src/message/messageparser.go`
+//! (fn `SerializeClientMessage`, `DeserializeClientMessage`, `Validate`); the agent's
+//! [A] `agent/session/contracts/agentmessage.go` is byte-identical:
+//!
+//! | offset | size | field |
+//! |---:|---:|---|
+//! | 0 | 4 | HeaderLength (116: it does not count the PayloadLength field) |
+//! | 4 | 32 | MessageType, ASCII, right-padded with spaces |
+//! | 36 | 4 | SchemaVersion (1) |
+//! | 40 | 8 | CreatedDate, ms since the Unix epoch |
+//! | 48 | 8 | SequenceNumber (i64) |
+//! | 56 | 8 | Flags |
+//! | 64 | 16 | MessageId, UUID with its two 8-byte halves swapped |
+//! | 80 | 32 | PayloadDigest, SHA-256 of the payload |
+//! | 112 | 4 | PayloadType |
+//! | 116 | 4 | PayloadLength |
+//! | 120 | n | Payload |
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::kind::{MessageType, PayloadType};
+
+/// Offset of HeaderLength.
+pub const HL_OFFSET: usize = 0;
+/// Offset of MessageType.
+pub const MESSAGE_TYPE_OFFSET: usize = 4;
+/// Length of the MessageType field.
+pub const MESSAGE_TYPE_LEN: usize = 32;
+/// Offset of SchemaVersion.
+pub const SCHEMA_VERSION_OFFSET: usize = 36;
+/// Offset of CreatedDate.
+pub const CREATED_DATE_OFFSET: usize = 40;
+/// Offset of SequenceNumber.
+pub const SEQUENCE_NUMBER_OFFSET: usize = 48;
+/// Offset of Flags.
+pub const FLAGS_OFFSET: usize = 56;
+/// Offset of MessageId.
+pub const MESSAGE_ID_OFFSET: usize = 64;
+/// Offset of PayloadDigest.
+pub const PAYLOAD_DIGEST_OFFSET: usize = 80;
+/// Offset of PayloadType.
+pub const PAYLOAD_TYPE_OFFSET: usize = 112;
+/// Offset of PayloadLength; also the value both references write into HeaderLength.
+pub const PAYLOAD_LENGTH_OFFSET: usize = 116;
+/// Offset of the payload in a message written by the references.
+pub const PAYLOAD_OFFSET: usize = 120;
+/// The HeaderLength value both references write.
+pub const HEADER_LENGTH: u32 = PAYLOAD_LENGTH_OFFSET as u32;
+/// The SchemaVersion value both references write.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A decoded (or to-be-encoded) ClientMessage.
+///
+/// HeaderLength, PayloadDigest and PayloadLength are not stored: the encoder computes
+/// them, and the decoder checks them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientMessage {
+    /// MessageType header field.
+    pub message_type: MessageType,
+    /// SchemaVersion header field (never checked by either reference).
+    pub schema_version: u32,
+    /// CreatedDate header field, milliseconds since the Unix epoch. Must not be 0.
+    pub created_date: u64,
+    /// SequenceNumber header field.
+    pub sequence_number: i64,
+    /// Flags header field (never read by either reference).
+    pub flags: u64,
+    /// MessageId header field.
+    pub message_id: Uuid,
+    /// PayloadType header field.
+    pub payload_type: PayloadType,
+    /// The payload bytes, as on the wire (encrypted ones when KMS encryption is on).
+    pub payload: Bytes,
+}
+
+/// Why a frame is not a valid ClientMessage.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The frame cannot hold the fixed 120-byte header.
+    #[error("frame of {len} bytes is shorter than the 120-byte ClientMessage header")]
+    TooShort {
+        /// Frame length.
+        len: usize,
+    },
+    /// HeaderLength is zero ([P] `Validate`: "HeaderLength cannot be zero").
+    #[error("HeaderLength is zero")]
+    ZeroHeaderLength,
+    /// HeaderLength is below 116 (the payload would overlap the header) or points past
+    /// the end of the frame.
+    #[error("HeaderLength {header_length} is invalid for a frame of {frame_len} bytes")]
+    BadHeaderLength {
+        /// The HeaderLength field.
+        header_length: u32,
+        /// Frame length.
+        frame_len: usize,
+    },
+    /// MessageType is not UTF-8.
+    #[error("MessageType is not valid UTF-8")]
+    MessageTypeNotUtf8,
+    /// MessageType is empty ([P] `Validate`: "MessageType is missing").
+    #[error("MessageType is missing")]
+    EmptyMessageType,
+    /// CreatedDate is zero ([P] `Validate`: "CreatedDate is missing").
+    #[error("CreatedDate is missing")]
+    ZeroCreatedDate,
+    /// PayloadLength disagrees with the bytes after the header.
+    #[error("PayloadLength says {declared} bytes but the frame carries {actual}")]
+    PayloadLengthMismatch {
+        /// The PayloadLength field.
+        declared: u32,
+        /// Bytes after the header.
+        actual: usize,
+    },
+    /// SHA-256 of the payload differs from PayloadDigest ([P] `Validate`:
+    /// "payload Hash is not valid").
+    #[error("payload digest does not match its SHA-256")]
+    DigestMismatch,
+}
+
+/// Why a ClientMessage cannot be encoded.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EncodeError {
+    /// MessageType does not fit its 32-byte field.
+    #[error("MessageType {0:?} is longer than 32 bytes")]
+    MessageTypeTooLong(String),
+    /// Neither reference can serialize an empty payload, and the agent drops empty data.
+    #[error("a ClientMessage payload must not be empty")]
+    EmptyPayload,
+    /// The payload does not fit the u32 PayloadLength field.
+    #[error("payload of {0} bytes does not fit a u32 length")]
+    PayloadTooLarge(usize),
+}
+
+fn be_u32(frame: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&frame[at..at + 4]);
+    u32::from_be_bytes(b)
+}
+
+fn be_u64(frame: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&frame[at..at + 8]);
+    u64::from_be_bytes(b)
+}
+
+/// Writes a UUID the way [P] fn `putUuid` does: bytes 8..16 first, then bytes 0..8.
+pub fn uuid_to_wire(id: &Uuid) -> [u8; 16] {
+    let b = id.as_bytes();
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&b[8..]);
+    out[8..].copy_from_slice(&b[..8]);
+    out
+}
+
+/// Reads a UUID the way [P] fn `getUuid` does (inverse of [`uuid_to_wire`]).
+pub fn uuid_from_wire(wire: &[u8; 16]) -> Uuid {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&wire[8..]);
+    b[8..].copy_from_slice(&wire[..8]);
+    Uuid::from_bytes(b)
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+impl ClientMessage {
+    /// Decodes and validates one websocket frame.
+    ///
+    /// Zero-copy: the payload is a slice of `frame`. Validation follows [P]
+    /// `messageparser.go` fn `Validate`, in its order, with every read bounds-checked:
+    ///
+    /// 1. the frame must hold the 120-byte header and `HeaderLength + 4` bytes;
+    /// 2. `start_publication` / `pause_publication` are accepted without further checks;
+    /// 3. HeaderLength is not 0 (and, stricter than [P], not below 116);
+    /// 4. MessageType is not empty; 5. CreatedDate is not 0;
+    /// 6. PayloadLength equals the bytes after the header (stricter than [P], which only
+    ///    uses it to decide whether to check the digest);
+    /// 7. a non-empty payload matches PayloadDigest.
+    pub fn decode(frame: Bytes) -> Result<ClientMessage, DecodeError> {
+        let len = frame.len();
+        if len < PAYLOAD_OFFSET {
+            return Err(DecodeError::TooShort { len });
+        }
+        let header_length = be_u32(&frame, HL_OFFSET);
+        let payload_start = header_length as usize + 4;
+        if payload_start > len {
+            return Err(DecodeError::BadHeaderLength {
+                header_length,
+                frame_len: len,
+            });
+        }
+
+        let raw_type = &frame[MESSAGE_TYPE_OFFSET..MESSAGE_TYPE_OFFSET + MESSAGE_TYPE_LEN];
+        let start = raw_type
+            .iter()
+            .position(|&b| b != 0)
+            .unwrap_or(raw_type.len());
+        let end = raw_type
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(start, |e| e + 1);
+        let type_str = std::str::from_utf8(&raw_type[start..end])
+            .map_err(|_| DecodeError::MessageTypeNotUtf8)?
+            .trim();
+        let message_type = MessageType::parse(type_str);
+
+        let mut wire_id = [0u8; 16];
+        wire_id.copy_from_slice(&frame[MESSAGE_ID_OFFSET..MESSAGE_ID_OFFSET + 16]);
+        let declared_len = be_u32(&frame, PAYLOAD_LENGTH_OFFSET);
+        let payload = frame.slice(payload_start..);
+
+        let msg = ClientMessage {
+            schema_version: be_u32(&frame, SCHEMA_VERSION_OFFSET),
+            created_date: be_u64(&frame, CREATED_DATE_OFFSET),
+            sequence_number: be_u64(&frame, SEQUENCE_NUMBER_OFFSET) as i64,
+            flags: be_u64(&frame, FLAGS_OFFSET),
+            message_id: uuid_from_wire(&wire_id),
+            payload_type: PayloadType::from_u32(be_u32(&frame, PAYLOAD_TYPE_OFFSET)),
+            message_type,
+            payload,
+        };
+        if msg.message_type.is_publication() {
+            return Ok(msg);
+        }
+        if header_length == 0 {
+            return Err(DecodeError::ZeroHeaderLength);
+        }
+        if header_length < HEADER_LENGTH {
+            return Err(DecodeError::BadHeaderLength {
+                header_length,
+                frame_len: len,
+            });
+        }
+        if type_str.is_empty() {
+            return Err(DecodeError::EmptyMessageType);
+        }
+        if msg.created_date == 0 {
+            return Err(DecodeError::ZeroCreatedDate);
+        }
+        if declared_len as usize != msg.payload.len() {
+            return Err(DecodeError::PayloadLengthMismatch {
+                declared: declared_len,
+                actual: msg.payload.len(),
+            });
+        }
+        if !msg.payload.is_empty()
+            && sha256(&msg.payload)[..] != frame[PAYLOAD_DIGEST_OFFSET..PAYLOAD_DIGEST_OFFSET + 32]
+        {
+            return Err(DecodeError::DigestMismatch);
+        }
+        Ok(msg)
+    }
+
+    /// Total encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        PAYLOAD_OFFSET + self.payload.len()
+    }
+
+    /// Encodes the message as [P] fn `SerializeClientMessage` does: HeaderLength 116,
+    /// MessageType space-padded, digest and PayloadLength computed from the payload.
+    pub fn encode(&self) -> Result<Bytes, EncodeError> {
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        self.encode_into(&mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    /// Appends the encoding of the message to `buf` (see [`ClientMessage::encode`]).
+    pub fn encode_into(&self, buf: &mut BytesMut) -> Result<(), EncodeError> {
+        let type_str = self.message_type.as_str();
+        if type_str.len() > MESSAGE_TYPE_LEN {
+            return Err(EncodeError::MessageTypeTooLong(type_str.to_owned()));
+        }
+        if self.payload.is_empty() {
+            return Err(EncodeError::EmptyPayload);
+        }
+        let payload_len = u32::try_from(self.payload.len())
+            .map_err(|_| EncodeError::PayloadTooLarge(self.payload.len()))?;
+        buf.reserve(self.encoded_len());
+        buf.put_u32(HEADER_LENGTH);
+        buf.put_slice(type_str.as_bytes());
+        buf.put_bytes(b' ', MESSAGE_TYPE_LEN - type_str.len());
+        buf.put_u32(self.schema_version);
+        buf.put_u64(self.created_date);
+        buf.put_i64(self.sequence_number);
+        buf.put_u64(self.flags);
+        buf.put_slice(&uuid_to_wire(&self.message_id));
+        buf.put_slice(&sha256(&self.payload));
+        buf.put_u32(self.payload_type.as_u32());
+        buf.put_u32(payload_len);
+        buf.put_slice(&self.payload);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::kind::header_flags;
+
+    fn sample() -> ClientMessage {
+        ClientMessage {
+            message_type: MessageType::InputStreamData,
+            schema_version: 1,
+            created_date: 1_503_434_274_948,
+            sequence_number: 7,
+            flags: header_flags::DATA,
+            message_id: Uuid::parse_str("dd01e56b-ff48-483e-a508-b5f073f31b16").unwrap(),
+            payload_type: PayloadType::Output,
+            payload: Bytes::from_static(b"hello"),
+        }
+    }
+
+    fn encoded() -> Vec<u8> {
+        sample().encode().unwrap().to_vec()
+    }
+
+    fn decode(v: Vec<u8>) -> Result<ClientMessage, DecodeError> {
+        ClientMessage::decode(Bytes::from(v))
+    }
+
+    #[test]
+    fn uuid_halves_are_swapped_on_the_wire() {
+        let id = Uuid::parse_str("dd01e56b-ff48-483e-a508-b5f073f31b16").unwrap();
+        let wire = uuid_to_wire(&id);
+        assert_eq!(hex::encode(wire), "a508b5f073f31b16dd01e56bff48483e");
+        assert_eq!(uuid_from_wire(&wire), id);
+    }
+
+    #[test]
+    fn round_trip_and_layout() {
+        let bytes = encoded();
+        assert_eq!(bytes.len(), 125);
+        assert_eq!(&bytes[0..4], &116u32.to_be_bytes());
+        assert_eq!(&bytes[4..21], b"input_stream_data");
+        assert!(bytes[21..36].iter().all(|&b| b == b' '));
+        assert_eq!(decode(bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn short_frames_are_rejected() {
+        for n in [0, 1, 119] {
+            assert_eq!(
+                decode(encoded()[..n].to_vec()),
+                Err(DecodeError::TooShort { len: n })
+            );
+        }
+    }
+
+    #[test]
+    fn header_length_is_bounds_checked() {
+        let mut b = encoded();
+        b[0..4].copy_from_slice(&200u32.to_be_bytes());
+        assert!(matches!(
+            decode(b.clone()),
+            Err(DecodeError::BadHeaderLength {
+                header_length: 200,
+                ..
+            })
+        ));
+        b[0..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            decode(b.clone()),
+            Err(DecodeError::BadHeaderLength { .. })
+        ));
+        b[0..4].copy_from_slice(&0u32.to_be_bytes());
+        assert_eq!(decode(b.clone()), Err(DecodeError::ZeroHeaderLength));
+        b[0..4].copy_from_slice(&100u32.to_be_bytes());
+        assert!(matches!(
+            decode(b),
+            Err(DecodeError::BadHeaderLength { .. })
+        ));
+    }
+
+    #[test]
+    fn a_longer_header_moves_the_payload_as_in_the_reference() {
+        // [P] slices the payload at HeaderLength + 4 whatever the value.
+        let mut b = encoded();
+        b[0..4].copy_from_slice(&117u32.to_be_bytes());
+        b[116..120].copy_from_slice(&4u32.to_be_bytes());
+        let digest = sha256(b"ello");
+        b[80..112].copy_from_slice(&digest);
+        let m = decode(b).unwrap();
+        assert_eq!(&m.payload[..], b"ello");
+    }
+
+    #[test]
+    fn digest_length_type_and_date_are_checked() {
+        let mut b = encoded();
+        *b.last_mut().unwrap() ^= 1;
+        assert_eq!(decode(b), Err(DecodeError::DigestMismatch));
+
+        let mut b = encoded();
+        b[116..120].copy_from_slice(&6u32.to_be_bytes());
+        assert_eq!(
+            decode(b),
+            Err(DecodeError::PayloadLengthMismatch {
+                declared: 6,
+                actual: 5
+            })
+        );
+
+        let mut b = encoded();
+        b[4..36].fill(b' ');
+        assert_eq!(decode(b), Err(DecodeError::EmptyMessageType));
+
+        let mut b = encoded();
+        b[4..36].fill(0);
+        assert_eq!(decode(b), Err(DecodeError::EmptyMessageType));
+
+        let mut b = encoded();
+        b[4] = 0xff;
+        assert_eq!(decode(b), Err(DecodeError::MessageTypeNotUtf8));
+
+        let mut b = encoded();
+        b[40..48].fill(0);
+        assert_eq!(decode(b), Err(DecodeError::ZeroCreatedDate));
+    }
+
+    #[test]
+    fn nul_padded_message_type_is_accepted() {
+        let mut b = encoded();
+        b[21..36].fill(0);
+        assert_eq!(
+            decode(b).unwrap().message_type,
+            MessageType::InputStreamData
+        );
+    }
+
+    #[test]
+    fn publication_messages_skip_validation() {
+        let mut m = sample();
+        m.message_type = MessageType::PausePublication;
+        let mut b = m.encode().unwrap().to_vec();
+        b[40..48].fill(0);
+        b[80..112].fill(0);
+        b[116..120].fill(0);
+        assert_eq!(
+            decode(b).unwrap().message_type,
+            MessageType::PausePublication
+        );
+    }
+
+    #[test]
+    fn empty_payload_decodes_but_never_encodes() {
+        let mut b = encoded();
+        b.truncate(120);
+        b[116..120].fill(0);
+        b[80..112].fill(0xaa);
+        let m = decode(b).unwrap();
+        assert!(m.payload.is_empty());
+        assert_eq!(m.encode(), Err(EncodeError::EmptyPayload));
+    }
+
+    #[test]
+    fn long_message_type_is_an_encode_error() {
+        let mut m = sample();
+        m.message_type = MessageType::Other("x".repeat(33));
+        assert!(matches!(
+            m.encode(),
+            Err(EncodeError::MessageTypeTooLong(_))
+        ));
+        m.message_type = MessageType::Other("x".repeat(32));
+        assert_eq!(decode(m.encode().unwrap().to_vec()).unwrap(), m);
+    }
+}
