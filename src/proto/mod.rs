@@ -7,5 +7,11 @@
 //! Nothing in this module performs IO or reads a clock: callers pass bytes and `now`
 //! in, and take frames, timers and events out.
 
+pub mod channel;
+pub mod crypto;
 pub mod kind;
 pub mod message;
+pub mod payload;
+pub mod rtt;
+pub mod smux;
+pub mod version;

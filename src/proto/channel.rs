@@ -1,0 +1,1021 @@
+//! The reliable, ordered data channel on top of ClientMessages: sequence numbers,
+//! per-message acknowledgements, the in-order delivery buffer, retransmission and
+//! pause/start publication.
+//!
+//! Sans-IO: frames go in through [`Channel::handle_frame`], frames to send come out of
+//! [`Channel::poll_transmit`], timers are driven by [`Channel::poll_timeout`] /
+//! [`Channel::handle_timeout`], and in-order payloads come out of
+//! [`Channel::poll_event`]. The rules, with their reference sources, are in
+//! `proto-docs/channel.md`; the main ones:
+//!
+//! * Each direction has its own sequence space starting at 0; every stream-data message
+//!   (any PayloadType) takes the next number ([P] `streaming.go` fn
+//!   `SendInputDataMessage`; [A] `datachannel.go` fn `SendStreamDataMessage`).
+//! * Every accepted stream-data message is acknowledged once; duplicates (seq below
+//!   the expected one) are acknowledged again, as the agent does ([A] `datachannel.go`
+//!   fn `handleStreamDataMessage`); messages ahead of the expected one are acknowledged
+//!   and buffered while the buffer has room, and dropped unacknowledged otherwise.
+//! * Acks are selective: an ack removes exactly the message with its sequence number
+//!   ([P] fn `ProcessAcknowledgedMessage`).
+//! * Unlike the references' "resend only the oldest message every 100 ms", every
+//!   unacknowledged message has its own retransmission timer of one RTO.
+//! * Unlike the references' unbounded (plugin: evicting) outgoing buffer, the number
+//!   and bytes of unacknowledged messages are bounded; [`Channel::send`] refuses with
+//!   [`SendError::WindowFull`] instead of dropping data.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::kind::{MessageType, PayloadType, header_flags};
+use super::message::{ClientMessage, DecodeError, EncodeError, SCHEMA_VERSION};
+use super::payload::{self, AcknowledgeContent, ChannelClosed, PayloadError};
+use super::rtt::RttEstimator;
+
+/// Which end of the data channel this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The client (the plugin's role): sends `input_stream_data`.
+    Client,
+    /// The agent: sends `output_stream_data` (used by the simulator).
+    Agent,
+}
+
+impl Role {
+    /// The stream-data MessageType this role sends.
+    pub fn outgoing_type(self) -> MessageType {
+        match self {
+            Role::Client => MessageType::InputStreamData,
+            Role::Agent => MessageType::OutputStreamData,
+        }
+    }
+
+    /// The stream-data MessageType this role receives.
+    pub fn incoming_type(self) -> MessageType {
+        match self {
+            Role::Client => MessageType::OutputStreamData,
+            Role::Agent => MessageType::InputStreamData,
+        }
+    }
+}
+
+/// Limits of a [`Channel`].
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// Most unacknowledged outgoing messages. The agent buffers 100 000 incoming
+    /// messages and the plugin 10 000; the default keeps well inside both.
+    pub max_in_flight_messages: usize,
+    /// Most unacknowledged outgoing payload bytes.
+    pub max_in_flight_bytes: usize,
+    /// Most out-of-order incoming messages held for in-order delivery (the plugin's
+    /// `IncomingMessageBufferCapacity` is 10 000).
+    pub reorder_capacity: usize,
+    /// Close the channel when a message stays unacknowledged this long while connected
+    /// ([P] gives up after `ResendMaxAttempt` 3000 ticks of 100 ms, about 300 s, and then
+    /// calls TerminateSession). `None` never gives up, as the agent.
+    pub give_up_after: Option<Duration>,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            max_in_flight_messages: 4096,
+            max_in_flight_bytes: 4 * 1024 * 1024,
+            reorder_capacity: 10_000,
+            give_up_after: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Why a channel ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The service sent `channel_closed`.
+    ChannelClosed(ChannelClosed),
+    /// A message was not acknowledged within [`ChannelConfig::give_up_after`].
+    ResendTimeout {
+        /// The sequence number that was never acknowledged.
+        sequence_number: i64,
+    },
+}
+
+/// What the channel reports to its user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelEvent {
+    /// A stream-data payload, delivered exactly once and in sequence order.
+    Data {
+        /// Its sequence number.
+        sequence_number: i64,
+        /// Its PayloadType.
+        payload_type: PayloadType,
+        /// Its payload, as on the wire (still encrypted if KMS encryption is on).
+        payload: Bytes,
+    },
+    /// The service sent `pause_publication`: new messages are held until resumed.
+    Paused,
+    /// Sending resumed (`start_publication`, or inbound traffic, as in [A]).
+    Resumed,
+    /// The channel ended; no further events follow.
+    Closed(CloseReason),
+}
+
+/// Why a frame was not accepted.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The frame is not a valid ClientMessage.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// An acknowledge or channel_closed payload is malformed.
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+}
+
+/// Why a message could not be queued.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SendError {
+    /// The in-flight window is full: wait for acknowledgements (backpressure).
+    #[error("in-flight window full")]
+    WindowFull,
+    /// The channel has ended.
+    #[error("channel closed")]
+    Closed,
+    /// The message cannot be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+/// Counters for status displays and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Stream-data messages queued by [`Channel::send`].
+    pub messages_sent: u64,
+    /// Payload bytes queued by [`Channel::send`].
+    pub bytes_sent: u64,
+    /// Retransmissions (timer expiry or reconnect).
+    pub retransmissions: u64,
+    /// Stream-data messages delivered in order.
+    pub messages_delivered: u64,
+    /// Payload bytes delivered in order.
+    pub bytes_delivered: u64,
+    /// Acknowledgements sent (including re-acks).
+    pub acks_sent: u64,
+    /// Acknowledgements received that matched an unacknowledged message.
+    pub acks_received: u64,
+    /// Acknowledgements received for no unacknowledged message.
+    pub unknown_acks: u64,
+    /// Stream-data messages received again after delivery or buffering.
+    pub duplicates: u64,
+    /// Stream-data messages received ahead of the expected sequence number.
+    pub out_of_order: u64,
+    /// Messages dropped unacknowledged (receiver not ready or reorder buffer full).
+    pub refused: u64,
+    /// Frames that failed to decode.
+    pub malformed: u64,
+    /// Well-formed messages of a type this role ignores.
+    pub ignored: u64,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    frame: Bytes,
+    payload_len: usize,
+    first_sent: Option<Instant>,
+    last_sent: Option<Instant>,
+    transmissions: u32,
+    deadline: Option<Instant>,
+}
+
+/// Maps the monotonic `now` the caller passes to the wall-clock milliseconds written
+/// into CreatedDate.
+#[derive(Clone, Copy, Debug)]
+struct WallClock {
+    base: Instant,
+    base_unix_ms: u64,
+}
+
+impl WallClock {
+    fn unix_ms(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.base).as_millis();
+        let ms = self.base_unix_ms.saturating_add(elapsed as u64);
+        // CreatedDate must not be 0 ([P] `Validate`).
+        ms.max(1)
+    }
+}
+
+/// One end of a data channel. See the module documentation.
+#[derive(Debug)]
+pub struct Channel {
+    role: Role,
+    config: ChannelConfig,
+    clock: WallClock,
+    next_seq: i64,
+    expected_seq: i64,
+    unacked: BTreeMap<i64, Outgoing>,
+    unacked_bytes: usize,
+    timers: BinaryHeap<Reverse<(Instant, i64)>>,
+    transmit: VecDeque<Bytes>,
+    reorder: BTreeMap<i64, ClientMessage>,
+    events: VecDeque<ChannelEvent>,
+    rtt: RttEstimator,
+    paused: bool,
+    connected: bool,
+    receive_ready: bool,
+    closed: Option<CloseReason>,
+    stats: ChannelStats,
+}
+
+impl Channel {
+    /// A new channel. `now` and `unix_ms` are the same instant on the monotonic and on
+    /// the wall clock; later CreatedDate values are derived from them.
+    pub fn new(role: Role, config: ChannelConfig, now: Instant, unix_ms: u64) -> Channel {
+        Channel {
+            role,
+            config,
+            clock: WallClock {
+                base: now,
+                base_unix_ms: unix_ms,
+            },
+            next_seq: 0,
+            expected_seq: 0,
+            unacked: BTreeMap::new(),
+            unacked_bytes: 0,
+            timers: BinaryHeap::new(),
+            transmit: VecDeque::new(),
+            reorder: BTreeMap::new(),
+            events: VecDeque::new(),
+            rtt: RttEstimator::default(),
+            paused: false,
+            connected: true,
+            receive_ready: true,
+            closed: None,
+            stats: ChannelStats::default(),
+        }
+    }
+
+    /// This channel's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// True if a payload of `len` bytes would be accepted by [`Channel::send`] now.
+    pub fn can_send(&self, len: usize) -> bool {
+        self.closed.is_none() && self.window_has_room(len)
+    }
+
+    fn window_has_room(&self, len: usize) -> bool {
+        self.unacked.is_empty()
+            || (self.unacked.len() < self.config.max_in_flight_messages
+                && self.unacked_bytes + len <= self.config.max_in_flight_bytes)
+    }
+
+    /// Queues one stream-data message and returns its sequence number.
+    ///
+    /// The message is transmitted at once unless the channel is paused or disconnected,
+    /// and kept until acknowledged.
+    pub fn send(
+        &mut self,
+        payload_type: PayloadType,
+        payload: Bytes,
+        now: Instant,
+    ) -> Result<i64, SendError> {
+        if self.closed.is_some() {
+            return Err(SendError::Closed);
+        }
+        if !self.window_has_room(payload.len()) {
+            return Err(SendError::WindowFull);
+        }
+        let seq = self.next_seq;
+        let flags = match (self.role, seq) {
+            // [A] `datachannel.go` fn `SendStreamDataMessage`: Flags 1 on seq 0.
+            (Role::Agent, 0) => header_flags::SYN,
+            _ => header_flags::DATA,
+        };
+        let msg = ClientMessage {
+            message_type: self.role.outgoing_type(),
+            schema_version: SCHEMA_VERSION,
+            created_date: self.clock.unix_ms(now),
+            sequence_number: seq,
+            flags,
+            message_id: Uuid::new_v4(),
+            payload_type,
+            payload,
+        };
+        let frame = msg.encode()?;
+        self.next_seq += 1;
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += msg.payload.len() as u64;
+        self.unacked_bytes += msg.payload.len();
+        self.unacked.insert(
+            seq,
+            Outgoing {
+                frame,
+                payload_len: msg.payload.len(),
+                first_sent: None,
+                last_sent: None,
+                transmissions: 0,
+                deadline: None,
+            },
+        );
+        if self.connected && !self.paused {
+            self.transmit_seq(seq, now);
+        }
+        Ok(seq)
+    }
+
+    fn transmit_seq(&mut self, seq: i64, now: Instant) {
+        let rto = self.rtt.rto();
+        let Some(out) = self.unacked.get_mut(&seq) else {
+            return;
+        };
+        if out.transmissions > 0 {
+            self.stats.retransmissions += 1;
+        }
+        out.transmissions += 1;
+        out.first_sent.get_or_insert(now);
+        out.last_sent = Some(now);
+        let deadline = now + rto;
+        out.deadline = Some(deadline);
+        self.transmit.push_back(out.frame.clone());
+        self.timers.push(Reverse((deadline, seq)));
+        if self.timers.len() > 2 * self.unacked.len() + 64 {
+            self.rebuild_timers();
+        }
+    }
+
+    fn rebuild_timers(&mut self) {
+        self.timers = self
+            .unacked
+            .iter()
+            .filter_map(|(&seq, o)| o.deadline.map(|d| Reverse((d, seq))))
+            .collect();
+    }
+
+    /// The next frame to send on the websocket (one BINARY frame each).
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.transmit.pop_front()
+    }
+
+    /// The next in-order payload or state change.
+    pub fn poll_event(&mut self) -> Option<ChannelEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Channel::handle_timeout`] must next be called, if at all.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        if self.closed.is_some() || !self.connected || self.paused {
+            return None;
+        }
+        while let Some(&Reverse((deadline, seq))) = self.timers.peek() {
+            let live = self
+                .unacked
+                .get(&seq)
+                .is_some_and(|o| o.deadline == Some(deadline));
+            if live {
+                return Some(deadline);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Retransmits every message whose timer expired at or before `now`, and gives up
+    /// on one that has waited longer than [`ChannelConfig::give_up_after`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed.is_some() || !self.connected || self.paused {
+            return;
+        }
+        while let Some(&Reverse((deadline, seq))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(out) = self.unacked.get(&seq) else {
+                continue;
+            };
+            if out.deadline != Some(deadline) {
+                continue;
+            }
+            if let (Some(limit), Some(first)) = (self.config.give_up_after, out.first_sent)
+                && now.saturating_duration_since(first) >= limit
+            {
+                self.close(CloseReason::ResendTimeout {
+                    sequence_number: seq,
+                });
+                return;
+            }
+            self.transmit_seq(seq, now);
+        }
+    }
+
+    /// Tells the channel the websocket is gone: nothing is transmitted and no timer
+    /// runs until [`Channel::on_reconnect`]. Sequence state and unacknowledged messages
+    /// are kept ([P] `streaming.go` fn `Reconnect`).
+    pub fn on_disconnect(&mut self) {
+        self.connected = false;
+        self.transmit.clear();
+    }
+
+    /// Tells the channel a new websocket is open (after OpenDataChannel was sent on
+    /// it): every unacknowledged message is sent again, in sequence order.
+    pub fn on_reconnect(&mut self, now: Instant) {
+        self.connected = true;
+        self.set_paused(false);
+        self.flush_unacked(now, true);
+    }
+
+    fn flush_unacked(&mut self, now: Instant, all: bool) {
+        let seqs: Vec<i64> = self
+            .unacked
+            .iter()
+            .filter(|(_, o)| all || o.transmissions == 0)
+            .map(|(&s, _)| s)
+            .collect();
+        for seq in seqs {
+            self.transmit_seq(seq, now);
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if self.paused == paused {
+            return;
+        }
+        self.paused = paused;
+        self.events.push_back(if paused {
+            ChannelEvent::Paused
+        } else {
+            ChannelEvent::Resumed
+        });
+    }
+
+    fn resume(&mut self, now: Instant) {
+        if self.paused {
+            self.set_paused(false);
+            if self.connected {
+                self.flush_unacked(now, false);
+            }
+        }
+    }
+
+    /// Whether in-order stream data is accepted. While `false`, new stream data is
+    /// dropped unacknowledged so the peer retransmits it later, exactly as the agent
+    /// does while its handler is not ready ([A] `datachannel.go` fn
+    /// `handleStreamDataMessage`, `ErrHandlerNotReady`): this is receive backpressure.
+    pub fn set_receive_ready(&mut self, ready: bool) {
+        self.receive_ready = ready;
+    }
+
+    /// Processes one frame received on the websocket.
+    ///
+    /// A malformed frame is dropped and reported; nothing is acknowledged for it, so a
+    /// peer that sent a corrupted copy retransmits it.
+    pub fn handle_frame(&mut self, frame: Bytes, now: Instant) -> Result<(), FrameError> {
+        if self.closed.is_some() {
+            return Ok(());
+        }
+        let msg = match ClientMessage::decode(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.malformed += 1;
+                return Err(e.into());
+            }
+        };
+        match &msg.message_type {
+            t if *t == self.role.incoming_type() => self.handle_stream_data(msg, now),
+            MessageType::Acknowledge => {
+                let ack: AcknowledgeContent = payload::from_json("acknowledge", &msg.payload)?;
+                self.handle_ack(&ack, now);
+                self.resume(now);
+            }
+            MessageType::ChannelClosed => {
+                let closed: ChannelClosed = payload::from_json("channel_closed", &msg.payload)?;
+                self.close(CloseReason::ChannelClosed(closed));
+            }
+            MessageType::PausePublication => self.set_paused(true),
+            MessageType::StartPublication => self.resume(now),
+            _ => self.stats.ignored += 1,
+        }
+        Ok(())
+    }
+
+    fn handle_ack(&mut self, ack: &AcknowledgeContent, now: Instant) {
+        let Some(out) = self.unacked.remove(&ack.sequence_number) else {
+            self.stats.unknown_acks += 1;
+            return;
+        };
+        self.stats.acks_received += 1;
+        self.unacked_bytes -= out.payload_len;
+        // Karn's rule: a sample from a retransmitted message is ambiguous.
+        if out.transmissions == 1
+            && let Some(sent) = out.last_sent
+        {
+            self.rtt.on_sample(now.saturating_duration_since(sent));
+        }
+    }
+
+    fn handle_stream_data(&mut self, msg: ClientMessage, now: Instant) {
+        let seq = msg.sequence_number;
+        if seq < self.expected_seq {
+            self.stats.duplicates += 1;
+            self.queue_ack(&msg, now);
+            return;
+        }
+        if seq > self.expected_seq {
+            if self.reorder.contains_key(&seq) {
+                self.stats.duplicates += 1;
+                self.queue_ack(&msg, now);
+            } else if self.receive_ready && self.reorder.len() < self.config.reorder_capacity {
+                self.stats.out_of_order += 1;
+                self.queue_ack(&msg, now);
+                self.reorder.insert(seq, msg);
+            } else {
+                self.stats.refused += 1;
+            }
+            self.resume(now);
+            return;
+        }
+        if !self.receive_ready {
+            self.stats.refused += 1;
+            return;
+        }
+        // The ack goes out before anything the user sends in response ([P] acks
+        // handshake messages before handling them).
+        self.queue_ack(&msg, now);
+        self.deliver(msg);
+        while let Some(next) = self.reorder.remove(&self.expected_seq) {
+            self.deliver(next);
+        }
+        self.resume(now);
+    }
+
+    fn deliver(&mut self, msg: ClientMessage) {
+        self.expected_seq += 1;
+        self.stats.messages_delivered += 1;
+        self.stats.bytes_delivered += msg.payload.len() as u64;
+        self.events.push_back(ChannelEvent::Data {
+            sequence_number: msg.sequence_number,
+            payload_type: msg.payload_type,
+            payload: msg.payload,
+        });
+    }
+
+    fn queue_ack(&mut self, msg: &ClientMessage, now: Instant) {
+        let content = AcknowledgeContent {
+            message_type: msg.message_type.as_str().to_owned(),
+            message_id: msg.message_id.hyphenated().to_string(),
+            sequence_number: msg.sequence_number,
+            is_sequential_message: true,
+        };
+        let ack = ClientMessage {
+            message_type: MessageType::Acknowledge,
+            schema_version: SCHEMA_VERSION,
+            created_date: self.clock.unix_ms(now),
+            sequence_number: 0,
+            flags: header_flags::ACK,
+            message_id: Uuid::new_v4(),
+            payload_type: PayloadType::Undefined,
+            payload: Bytes::from(payload::to_json(&content)),
+        };
+        // An ack payload is never empty and its type is short: encoding cannot fail.
+        if let Ok(frame) = ack.encode() {
+            self.stats.acks_sent += 1;
+            if self.connected {
+                self.transmit.push_back(frame);
+            }
+        }
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if self.closed.is_none() {
+            self.closed = Some(reason.clone());
+            self.events.push_back(ChannelEvent::Closed(reason));
+        }
+    }
+
+    /// Why the channel ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.closed.as_ref()
+    }
+
+    /// True while the service has paused publication.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The sequence number the next sent message will get.
+    pub fn next_sequence_number(&self) -> i64 {
+        self.next_seq
+    }
+
+    /// The sequence number expected next from the peer.
+    pub fn expected_sequence_number(&self) -> i64 {
+        self.expected_seq
+    }
+
+    /// Unacknowledged outgoing messages.
+    pub fn in_flight_messages(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Unacknowledged outgoing payload bytes.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.unacked_bytes
+    }
+
+    /// Out-of-order messages waiting for a gap to fill.
+    pub fn reorder_buffered(&self) -> usize {
+        self.reorder.len()
+    }
+
+    /// The RTT estimator.
+    pub fn rtt(&self) -> &RttEstimator {
+        &self.rtt
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ChannelStats {
+        &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0_MS: u64 = 1_700_000_000_000;
+
+    fn pair() -> (Channel, Channel, Instant) {
+        let now = Instant::now();
+        (
+            Channel::new(Role::Client, ChannelConfig::default(), now, T0_MS),
+            Channel::new(Role::Agent, ChannelConfig::default(), now, T0_MS),
+            now,
+        )
+    }
+
+    fn frames(c: &mut Channel) -> Vec<Bytes> {
+        std::iter::from_fn(|| c.poll_transmit()).collect()
+    }
+
+    fn events(c: &mut Channel) -> Vec<ChannelEvent> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    fn data(c: &mut Channel) -> Vec<(i64, Bytes)> {
+        events(c)
+            .into_iter()
+            .filter_map(|e| match e {
+                ChannelEvent::Data {
+                    sequence_number,
+                    payload,
+                    ..
+                } => Some((sequence_number, payload)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn decode(f: &Bytes) -> ClientMessage {
+        ClientMessage::decode(f.clone()).unwrap()
+    }
+
+    fn ack_of(f: &Bytes) -> AcknowledgeContent {
+        let m = decode(f);
+        assert_eq!(m.message_type, MessageType::Acknowledge);
+        assert_eq!((m.sequence_number, m.flags), (0, 3));
+        assert_eq!(m.payload_type, PayloadType::Undefined);
+        payload::from_json("ack", &m.payload).unwrap()
+    }
+
+    #[test]
+    fn sequence_numbers_and_header_fields() {
+        let (mut c, mut a, now) = pair();
+        for i in 0..3 {
+            let seq = c
+                .send(PayloadType::Output, Bytes::from(vec![i; 3]), now)
+                .unwrap();
+            assert_eq!(seq, i as i64);
+        }
+        let f = frames(&mut c);
+        assert_eq!(f.len(), 3);
+        let m = decode(&f[1]);
+        assert_eq!(m.message_type, MessageType::InputStreamData);
+        assert_eq!((m.sequence_number, m.flags, m.schema_version), (1, 0, 1));
+        assert_eq!(m.created_date, T0_MS);
+
+        a.send(
+            PayloadType::HandshakeRequest,
+            Bytes::from_static(b"{}"),
+            now,
+        )
+        .unwrap();
+        a.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        let f = frames(&mut a);
+        assert_eq!(decode(&f[0]).flags, 1, "agent seq 0 carries SYN");
+        assert_eq!(decode(&f[1]).flags, 0);
+        assert_eq!(decode(&f[1]).message_type, MessageType::OutputStreamData);
+    }
+
+    #[test]
+    fn every_message_is_acked_once_and_delivered_in_order() {
+        let (mut c, mut a, now) = pair();
+        for p in [b"a", b"b", b"c"] {
+            a.send(PayloadType::Output, Bytes::from_static(p), now)
+                .unwrap();
+        }
+        let f = frames(&mut a);
+        // Deliver 2, 0, 1: 2 is buffered and acked, then 0 and 1 release it.
+        for i in [2, 0, 1] {
+            c.handle_frame(f[i].clone(), now).unwrap();
+        }
+        let acks: Vec<i64> = frames(&mut c)
+            .iter()
+            .map(|f| ack_of(f).sequence_number)
+            .collect();
+        assert_eq!(acks, vec![2, 0, 1]);
+        let got: Vec<_> = data(&mut c).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(got, vec![0, 1, 2]);
+        assert_eq!(c.stats().out_of_order, 1);
+        assert_eq!(c.expected_sequence_number(), 3);
+    }
+
+    #[test]
+    fn ack_fields_name_the_acked_message() {
+        let (mut c, mut a, now) = pair();
+        a.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        let f = frames(&mut a).remove(0);
+        let id = decode(&f).message_id;
+        c.handle_frame(f, now).unwrap();
+        let ack = ack_of(&frames(&mut c)[0]);
+        assert_eq!(ack.message_type, "output_stream_data");
+        assert_eq!(ack.message_id, id.hyphenated().to_string());
+        assert!(ack.is_sequential_message);
+    }
+
+    #[test]
+    fn duplicates_are_acked_again_but_delivered_once() {
+        let (mut c, mut a, now) = pair();
+        a.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        let f = frames(&mut a).remove(0);
+        c.handle_frame(f.clone(), now).unwrap();
+        c.handle_frame(f, now).unwrap();
+        assert_eq!(frames(&mut c).len(), 2);
+        assert_eq!(data(&mut c).len(), 1);
+        assert_eq!(c.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn acks_remove_exactly_one_message_and_sample_rtt() {
+        let (mut c, mut a, now) = pair();
+        for _ in 0..2 {
+            c.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+                .unwrap();
+        }
+        let f = frames(&mut c);
+        a.handle_frame(f[1].clone(), now).unwrap();
+        let later = now + Duration::from_millis(20);
+        for ack in frames(&mut a) {
+            c.handle_frame(ack, later).unwrap();
+        }
+        assert_eq!(c.in_flight_messages(), 1);
+        assert_eq!(c.rtt().rto(), Duration::from_millis(170));
+    }
+
+    #[test]
+    fn unacked_messages_are_resent_after_rto_each_on_its_own_timer() {
+        let (mut c, _, now) = pair();
+        c.send(PayloadType::Output, Bytes::from_static(b"a"), now)
+            .unwrap();
+        let t1 = now + Duration::from_millis(50);
+        c.send(PayloadType::Output, Bytes::from_static(b"b"), t1)
+            .unwrap();
+        let first = frames(&mut c);
+        assert_eq!(c.poll_timeout(), Some(now + Duration::from_millis(200)));
+        c.handle_timeout(now + Duration::from_millis(199));
+        assert!(frames(&mut c).is_empty());
+        c.handle_timeout(now + Duration::from_millis(200));
+        let re = frames(&mut c);
+        assert_eq!(re, vec![first[0].clone()], "same bytes, same seq and id");
+        assert_eq!(c.poll_timeout(), Some(t1 + Duration::from_millis(200)));
+        c.handle_timeout(t1 + Duration::from_millis(200));
+        assert_eq!(frames(&mut c), vec![first[1].clone()]);
+        assert_eq!(c.stats().retransmissions, 2);
+    }
+
+    #[test]
+    fn window_exerts_backpressure_instead_of_evicting() {
+        let now = Instant::now();
+        let cfg = ChannelConfig {
+            max_in_flight_messages: 2,
+            ..ChannelConfig::default()
+        };
+        let mut c = Channel::new(Role::Client, cfg, now, T0_MS);
+        let mut a = Channel::new(Role::Agent, ChannelConfig::default(), now, T0_MS);
+        c.send(PayloadType::Output, Bytes::from_static(b"a"), now)
+            .unwrap();
+        c.send(PayloadType::Output, Bytes::from_static(b"b"), now)
+            .unwrap();
+        assert!(!c.can_send(1));
+        assert_eq!(
+            c.send(PayloadType::Output, Bytes::from_static(b"c"), now),
+            Err(SendError::WindowFull)
+        );
+        let f = frames(&mut c);
+        a.handle_frame(f[0].clone(), now).unwrap();
+        c.handle_frame(frames(&mut a).remove(0), now).unwrap();
+        assert!(c.can_send(1));
+        assert_eq!(
+            c.send(PayloadType::Output, Bytes::from_static(b"c"), now),
+            Ok(2)
+        );
+    }
+
+    #[test]
+    fn byte_window_admits_one_large_message_when_empty() {
+        let now = Instant::now();
+        let cfg = ChannelConfig {
+            max_in_flight_bytes: 10,
+            ..ChannelConfig::default()
+        };
+        let mut c = Channel::new(Role::Client, cfg, now, T0_MS);
+        c.send(PayloadType::Output, Bytes::from(vec![0; 64]), now)
+            .unwrap();
+        assert_eq!(
+            c.send(PayloadType::Output, Bytes::from_static(b"x"), now),
+            Err(SendError::WindowFull)
+        );
+    }
+
+    #[test]
+    fn not_ready_receiver_refuses_without_ack() {
+        let (mut c, mut a, now) = pair();
+        a.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        let f = frames(&mut a).remove(0);
+        c.set_receive_ready(false);
+        c.handle_frame(f.clone(), now).unwrap();
+        assert!(frames(&mut c).is_empty());
+        assert!(data(&mut c).is_empty());
+        c.set_receive_ready(true);
+        c.handle_frame(f, now).unwrap();
+        assert_eq!(frames(&mut c).len(), 1);
+        assert_eq!(data(&mut c).len(), 1);
+    }
+
+    #[test]
+    fn full_reorder_buffer_drops_without_ack() {
+        let now = Instant::now();
+        let cfg = ChannelConfig {
+            reorder_capacity: 1,
+            ..ChannelConfig::default()
+        };
+        let mut c = Channel::new(Role::Client, cfg, now, T0_MS);
+        let mut a = Channel::new(Role::Agent, ChannelConfig::default(), now, T0_MS);
+        for _ in 0..3 {
+            a.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+                .unwrap();
+        }
+        let f = frames(&mut a);
+        c.handle_frame(f[1].clone(), now).unwrap();
+        c.handle_frame(f[2].clone(), now).unwrap();
+        assert_eq!(frames(&mut c).len(), 1);
+        assert_eq!(c.stats().refused, 1);
+    }
+
+    #[test]
+    fn pause_holds_new_messages_and_resume_sends_them() {
+        let (mut c, mut a, now) = pair();
+        let pause = ClientMessage {
+            message_type: MessageType::PausePublication,
+            schema_version: 1,
+            created_date: 1,
+            sequence_number: 0,
+            flags: 0,
+            message_id: Uuid::new_v4(),
+            payload_type: PayloadType::Undefined,
+            payload: Bytes::from_static(b"{}"),
+        };
+        c.handle_frame(pause.encode().unwrap(), now).unwrap();
+        assert!(c.is_paused());
+        c.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        assert!(frames(&mut c).is_empty());
+        assert_eq!(c.poll_timeout(), None);
+        let mut start = pause.clone();
+        start.message_type = MessageType::StartPublication;
+        c.handle_frame(start.encode().unwrap(), now).unwrap();
+        let f = frames(&mut c);
+        assert_eq!(f.len(), 1);
+        a.handle_frame(f[0].clone(), now).unwrap();
+        assert_eq!(data(&mut a).len(), 1);
+        assert_eq!(
+            events(&mut c),
+            vec![ChannelEvent::Paused, ChannelEvent::Resumed]
+        );
+    }
+
+    #[test]
+    fn reconnect_resends_every_unacked_message_in_order() {
+        let (mut c, _, now) = pair();
+        for _ in 0..3 {
+            c.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+                .unwrap();
+        }
+        let sent = frames(&mut c);
+        c.on_disconnect();
+        c.send(PayloadType::Output, Bytes::from_static(b"y"), now)
+            .unwrap();
+        assert!(frames(&mut c).is_empty());
+        assert_eq!(c.poll_timeout(), None);
+        c.on_reconnect(now + Duration::from_secs(5));
+        let re = frames(&mut c);
+        assert_eq!(re.len(), 4);
+        assert_eq!(&re[..3], &sent[..]);
+        assert_eq!(decode(&re[3]).sequence_number, 3);
+    }
+
+    #[test]
+    fn channel_closed_is_terminal_and_not_acked() {
+        let (mut c, _, now) = pair();
+        let cc = ChannelClosed {
+            session_id: "s-1".into(),
+            output: "bye".into(),
+            message_type: "channel_closed".into(),
+            ..ChannelClosed::default()
+        };
+        let msg = ClientMessage {
+            message_type: MessageType::ChannelClosed,
+            schema_version: 1,
+            created_date: 1,
+            sequence_number: 0,
+            flags: 3,
+            message_id: Uuid::new_v4(),
+            payload_type: PayloadType::Undefined,
+            payload: Bytes::from(payload::to_json(&cc)),
+        };
+        c.handle_frame(msg.encode().unwrap(), now).unwrap();
+        assert!(frames(&mut c).is_empty());
+        assert_eq!(
+            events(&mut c),
+            vec![ChannelEvent::Closed(CloseReason::ChannelClosed(cc.clone()))]
+        );
+        assert_eq!(
+            c.send(PayloadType::Output, Bytes::from_static(b"x"), now),
+            Err(SendError::Closed)
+        );
+        assert_eq!(c.close_reason(), Some(&CloseReason::ChannelClosed(cc)));
+    }
+
+    #[test]
+    fn gives_up_after_the_configured_time() {
+        let (mut c, _, now) = pair();
+        c.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        let mut t = now;
+        while c.close_reason().is_none() {
+            t = c.poll_timeout().expect("a timer while unacked");
+            c.handle_timeout(t);
+            frames(&mut c);
+        }
+        assert!(t >= now + Duration::from_secs(300));
+        assert!(t <= now + Duration::from_secs(302));
+        assert_eq!(
+            c.close_reason(),
+            Some(&CloseReason::ResendTimeout { sequence_number: 0 })
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_counted_and_not_acked() {
+        let (mut c, mut a, now) = pair();
+        a.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        let mut f = frames(&mut a).remove(0).to_vec();
+        *f.last_mut().unwrap() ^= 0xff;
+        assert!(matches!(
+            c.handle_frame(Bytes::from(f), now),
+            Err(FrameError::Decode(DecodeError::DigestMismatch))
+        ));
+        assert!(frames(&mut c).is_empty());
+        assert_eq!(c.stats().malformed, 1);
+    }
+
+    #[test]
+    fn own_direction_and_unknown_types_are_ignored() {
+        let (mut c, _, now) = pair();
+        let mut other = Channel::new(Role::Client, ChannelConfig::default(), now, T0_MS);
+        other
+            .send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        c.handle_frame(frames(&mut other).remove(0), now).unwrap();
+        assert!(frames(&mut c).is_empty());
+        assert!(events(&mut c).is_empty());
+        assert_eq!(c.stats().ignored, 1);
+    }
+}
