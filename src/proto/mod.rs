@@ -13,5 +13,6 @@ pub mod kind;
 pub mod message;
 pub mod payload;
 pub mod rtt;
+pub mod session;
 pub mod smux;
 pub mod version;

@@ -111,7 +111,8 @@ mod go_opt_bytes {
 
 /// The first (TEXT) websocket message of a data channel ([P] `src/service/service.go`
 /// `OpenDataChannelInput`; sent by [P] `streaming.go` fn `FinalizeDataChannelHandshake`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Its `Debug` output redacts the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub struct OpenDataChannelInput {
     /// Always `"1.0"`.
@@ -129,6 +130,18 @@ pub struct OpenDataChannelInput {
     /// The client version string (see [`crate::proto::version`]).
     #[serde(rename = "ClientVersion", deserialize_with = "null_default")]
     pub client_version: String,
+}
+
+impl std::fmt::Debug for OpenDataChannelInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenDataChannelInput")
+            .field("message_schema_version", &self.message_schema_version)
+            .field("request_id", &self.request_id)
+            .field("token_value", &"<redacted>")
+            .field("client_id", &self.client_id)
+            .field("client_version", &self.client_version)
+            .finish()
+    }
 }
 
 /// The payload of an `acknowledge` message ([P] `clientmessage.go` `AcknowledgeContent`).
@@ -451,6 +464,17 @@ mod tests {
             parse_flag(&[0, 0, 0, 9]),
             Err(PayloadError::UnknownFlag(9))
         ));
+    }
+
+    #[test]
+    fn open_data_channel_debug_redacts_the_token() {
+        let o = OpenDataChannelInput {
+            token_value: "SECRET-TOKEN".into(),
+            ..OpenDataChannelInput::default()
+        };
+        let shown = format!("{o:?}");
+        assert!(!shown.contains("SECRET-TOKEN"), "{shown}");
+        assert!(shown.contains("<redacted>"));
     }
 
     #[test]
