@@ -1,0 +1,876 @@
+//! The IO driver of one Session Manager session: a tokio task that owns the websocket,
+//! the sans-IO [`ClientSession`] and (in mux mode) the smux client, and hands out one
+//! [`DuplexStream`] per tunnelled connection.
+//!
+//! Data path: user bytes -> per-stream reader task -> smux PSH frames -> 1 KiB PT 1
+//! messages -> websocket; and back: websocket -> in-order PT 1 payloads -> smux ->
+//! per-stream writer task -> user. Every buffer on the way is bounded; when one fills,
+//! the stage before it stops (the channel window for uploads, withheld acks for
+//! downloads, see [`crate::proto::channel::Channel::set_receive_ready`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::websocket::{self, DataChannelSocket, DialError};
+use crate::proto::kind::Flag;
+use crate::proto::session::{
+    ClientConfig, ClientSession, DataMode, SessionEnd, SessionEvent, SessionInfo,
+};
+use crate::proto::smux::{self, StreamId, StreamRead};
+
+/// What StartSession (or ECS ExecuteCommand) returned. `Debug` redacts the token.
+#[derive(Clone)]
+pub struct SessionTicket {
+    /// The SessionId.
+    pub session_id: String,
+    /// The StreamUrl, used unmodified.
+    pub stream_url: String,
+    /// The TokenValue: a secret, valid briefly.
+    pub token_value: String,
+    /// The StartSession Target.
+    pub target: String,
+}
+
+impl fmt::Debug for SessionTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionTicket")
+            .field("session_id", &self.session_id)
+            .field("stream_url", &self.stream_url)
+            .field("token_value", &"<redacted>")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// Why a resume attempt failed.
+#[derive(Debug, Error, Clone)]
+pub enum ResumeError {
+    /// Try again later (network, throttling).
+    #[error("resume failed, will retry: {0}")]
+    Retry(String),
+    /// The session cannot be resumed (terminated, timed out, access denied).
+    #[error("session cannot be resumed: {0}")]
+    Fatal(String),
+}
+
+/// Calls ResumeSession and returns the new TokenValue.
+pub type Resumer = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, ResumeError>> + Send>> + Send + Sync,
+>;
+
+/// Settings of a tunnel.
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// ClientVersion to report.
+    pub client_version: String,
+    /// ClientId: one per process.
+    pub client_id: String,
+    /// Largest payload per `input_stream_data` message. The plugin sends at most 1024
+    /// bytes ([P] `config.go` `StreamDataPayloadSize`); the service's limit is not
+    /// documented, so the default stays there.
+    pub max_payload: usize,
+    /// Bound for connecting the websocket and for the handshake.
+    pub connect_timeout: Duration,
+    /// Websocket ping interval; a connection that shows no traffic for two intervals
+    /// is considered dead and resumed.
+    pub ping_interval: Duration,
+    /// Capacity of each tunnelled connection's in-memory pipe.
+    pub stream_buffer: usize,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            client_version: crate::proto::version::DEFAULT_CLIENT_VERSION.to_owned(),
+            client_id: uuid::Uuid::new_v4().hyphenated().to_string(),
+            max_payload: 1024,
+            connect_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(30),
+            stream_buffer: 64 * 1024,
+        }
+    }
+}
+
+/// Why a tunnel could not be opened or used.
+#[derive(Debug, Error, Clone)]
+pub enum TunnelError {
+    /// The websocket could not be opened.
+    #[error("{0}")]
+    Dial(String),
+    /// The session ended.
+    #[error("session ended: {0}")]
+    Ended(String),
+    /// The handshake did not complete in time.
+    #[error("handshake did not complete within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The agent requested KMS encryption, which port sessions never use.
+    #[error("the agent requested KMS encryption; bastion supports it only for shell sessions")]
+    KmsUnsupported,
+    /// The session is not a port-forwarding session.
+    #[error("the session is not port forwarding (type {0}); check the document")]
+    NotPortForwarding(String),
+}
+
+impl From<DialError> for TunnelError {
+    fn from(e: DialError) -> Self {
+        TunnelError::Dial(e.to_string())
+    }
+}
+
+enum Command {
+    Open(oneshot::Sender<Result<DuplexStream, TunnelError>>),
+    Terminate(oneshot::Sender<()>),
+}
+
+/// Counters of one tunnel, updated by its driver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelStats {
+    /// Bytes sent to the remote host.
+    pub bytes_up: u64,
+    /// Bytes received from the remote host.
+    pub bytes_down: u64,
+    /// Connections currently open.
+    pub open_streams: usize,
+    /// Connections opened since the start.
+    pub total_streams: u64,
+    /// Successful websocket resumes.
+    pub resumes: u64,
+    /// Retransmitted messages.
+    pub retransmissions: u64,
+    /// The last problem seen, for `bastionctl status`.
+    pub last_error: Option<String>,
+}
+
+/// A live session with its driver task. Dropping it terminates the session.
+#[derive(Debug)]
+pub struct Tunnel {
+    info: SessionInfo,
+    session_id: String,
+    commands: mpsc::Sender<Command>,
+    stats: watch::Receiver<TunnelStats>,
+    ended: watch::Receiver<Option<String>>,
+}
+
+impl Tunnel {
+    /// Connects the websocket, runs the handshake and starts the driver.
+    pub async fn connect(
+        ticket: SessionTicket,
+        config: TunnelConfig,
+        resumer: Option<Resumer>,
+    ) -> Result<Tunnel, TunnelError> {
+        let span = info_span!("ssm_session", session_id = %ticket.session_id);
+        async move {
+            let mut socket = websocket::dial(&ticket.stream_url, config.connect_timeout).await?;
+            let now = Instant::now();
+            let mut client_config = ClientConfig::new(&ticket.session_id, &ticket.target);
+            client_config.client_version = config.client_version.clone();
+            client_config.client_id = config.client_id.clone();
+            let mut session = ClientSession::new(client_config, now, unix_ms());
+            let open = session.open_data_channel_message(&ticket.token_value);
+            socket
+                .send(Message::text(open))
+                .await
+                .map_err(|e| TunnelError::Dial(e.to_string()))?;
+            let info =
+                tokio::time::timeout(config.connect_timeout, handshake(&mut socket, &mut session))
+                    .await
+                    .map_err(|_| TunnelError::HandshakeTimeout(config.connect_timeout))??;
+            if info.mode == DataMode::StandardStream {
+                return Err(TunnelError::NotPortForwarding(info.session_type.clone()));
+            }
+            info!(agent_version = %info.agent_version, mode = ?info.mode, "session ready");
+            let smux = (info.mode == DataMode::Mux)
+                .then(|| {
+                    smux::Session::new(
+                        smux::Role::Client,
+                        smux::Config::for_ssm(info.agent_disables_smux_keepalive),
+                        Instant::now(),
+                    )
+                    .ok()
+                })
+                .flatten();
+            let (commands, command_rx) = mpsc::channel(16);
+            let (stats_tx, stats) = watch::channel(TunnelStats::default());
+            let (ended_tx, ended) = watch::channel(None);
+            let (input_tx, input_rx) = mpsc::channel(64);
+            let driver = Driver {
+                ticket: ticket.clone(),
+                config,
+                resumer,
+                socket: Some(socket),
+                session,
+                smux,
+                streams: HashMap::new(),
+                basic: None,
+                basic_waiters: Vec::new(),
+                next_basic_id: 0,
+                queues: BasicQueues::default(),
+                input_tx,
+                input_rx,
+                commands: command_rx,
+                capacity: Arc::new(Notify::new()),
+                stats: stats_tx,
+                counters: TunnelStats::default(),
+                last_traffic: Instant::now(),
+            };
+            tokio::spawn(
+                async move {
+                    let why = driver.run().await;
+                    info!(reason = %why, "session ended");
+                    let _ = ended_tx.send(Some(why));
+                }
+                .in_current_span(),
+            );
+            Ok(Tunnel {
+                session_id: ticket.session_id.clone(),
+                info,
+                commands,
+                stats,
+                ended,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// What the handshake established.
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    /// The SessionId.
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// Opens a tunnelled connection to the session's remote host. In basic mode this
+    /// waits until the previous connection has closed (one at a time, as the agent).
+    pub async fn open_stream(&self) -> Result<DuplexStream, TunnelError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Open(tx))
+            .await
+            .map_err(|_| self.ended_error())?;
+        rx.await.map_err(|_| self.ended_error())?
+    }
+
+    /// Sends the TerminateSession flag (when the agent supports it) and stops the
+    /// driver. The caller should also call the TerminateSession API.
+    pub async fn terminate(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Terminate(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> TunnelStats {
+        self.stats.borrow().clone()
+    }
+
+    /// Why the session ended, once it has.
+    pub fn end_reason(&self) -> Option<String> {
+        self.ended.borrow().clone()
+    }
+
+    /// Waits until the session ends and returns why.
+    pub async fn wait_ended(&self) -> String {
+        let mut ended = self.ended.clone();
+        loop {
+            if let Some(why) = ended.borrow().clone() {
+                return why;
+            }
+            if ended.changed().await.is_err() {
+                return "driver stopped".to_owned();
+            }
+        }
+    }
+
+    fn ended_error(&self) -> TunnelError {
+        TunnelError::Ended(self.end_reason().unwrap_or_else(|| "driver stopped".into()))
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+}
+
+async fn flush(socket: &mut DataChannelSocket, session: &mut ClientSession) -> Result<(), String> {
+    let mut any = false;
+    while let Some(frame) = session.poll_transmit() {
+        socket
+            .feed(Message::Binary(frame))
+            .await
+            .map_err(|e| e.to_string())?;
+        any = true;
+    }
+    if any {
+        socket.flush().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Runs the handshake until the session is ready.
+async fn handshake(
+    socket: &mut DataChannelSocket,
+    session: &mut ClientSession,
+) -> Result<SessionInfo, TunnelError> {
+    loop {
+        flush(socket, session).await.map_err(TunnelError::Dial)?;
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                SessionEvent::Ready(info) => {
+                    if !info.customer_message.is_empty() {
+                        info!(message = %info.customer_message, "agent message");
+                    }
+                    return Ok(info);
+                }
+                SessionEvent::DataKeyRequired { .. } => {
+                    let _ = session.fail_data_key(
+                        "KMS encryption is not supported for port sessions by this client",
+                        Instant::now(),
+                    );
+                    flush(socket, session).await.map_err(TunnelError::Dial)?;
+                    return Err(TunnelError::KmsUnsupported);
+                }
+                SessionEvent::Closed(end) => return Err(TunnelError::Ended(end.to_string())),
+                _ => {}
+            }
+        }
+        let deadline = session.poll_timeout();
+        tokio::select! {
+            msg = socket.next() => match msg {
+                Some(Ok(Message::Binary(b))) => log_frame_error(session.handle_frame(b, Instant::now())),
+                Some(Ok(Message::Text(t))) => log_frame_error(session.handle_frame(Bytes::from(t.as_bytes().to_vec()), Instant::now())),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(TunnelError::Dial(e.to_string())),
+                None => return Err(TunnelError::Ended("websocket closed during the handshake".into())),
+            },
+            _ = sleep_until(deadline) => session.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+fn log_frame_error(r: Result<(), crate::proto::channel::FrameError>) {
+    if let Err(e) = r {
+        warn!(error = %e, "dropped a malformed frame");
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Identifies a tunnelled connection: the smux stream id, or a counter in basic mode.
+type Key = u32;
+
+struct Slot {
+    to_user: mpsc::Sender<Bytes>,
+    remote_fin: bool,
+}
+
+/// What waits to go up in basic mode, in order.
+enum Upload {
+    Data(Bytes),
+    /// The local connection ended: DisconnectToPort.
+    Disconnect,
+}
+
+/// Basic mode's buffers (mux mode keeps the same data inside the smux session).
+#[derive(Default)]
+struct BasicQueues {
+    up: std::collections::VecDeque<Upload>,
+    up_bytes: usize,
+    down: std::collections::VecDeque<Bytes>,
+    down_bytes: usize,
+}
+
+struct Driver {
+    ticket: SessionTicket,
+    config: TunnelConfig,
+    resumer: Option<Resumer>,
+    socket: Option<DataChannelSocket>,
+    session: ClientSession,
+    smux: Option<smux::Session>,
+    streams: HashMap<Key, Slot>,
+    basic: Option<Key>,
+    basic_waiters: Vec<oneshot::Sender<Result<DuplexStream, TunnelError>>>,
+    next_basic_id: Key,
+    queues: BasicQueues,
+    input_tx: mpsc::Sender<(Key, Option<Bytes>)>,
+    input_rx: mpsc::Receiver<(Key, Option<Bytes>)>,
+    commands: mpsc::Receiver<Command>,
+    capacity: Arc<Notify>,
+    stats: watch::Sender<TunnelStats>,
+    counters: TunnelStats,
+    last_traffic: Instant,
+}
+
+/// Bytes of smux output allowed to wait for the channel window before user reads pause.
+const MAX_PENDING_UPLOAD: usize = 256 * 1024;
+/// Bytes received in basic mode allowed to wait for the connection before acks stop.
+const MAX_PENDING_DOWNLOAD: usize = 256 * 1024;
+/// Chunk size moved from smux to a connection's writer task.
+const DELIVERY_CHUNK: usize = 16 * 1024;
+
+impl Driver {
+    async fn run(mut self) -> String {
+        let mut ping = tokio::time::interval(self.config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.pump_session();
+            self.pump_upload();
+            self.deliver();
+            self.update_receive_ready();
+            self.publish_stats();
+            if let Some(why) = self.check_end() {
+                return why;
+            }
+            if let Err(e) = self.flush().await {
+                if let Some(why) = self.reconnect(e).await {
+                    return why;
+                }
+                continue;
+            }
+            let deadline = [
+                self.session.poll_timeout(),
+                self.smux.as_ref().and_then(smux::Session::poll_timeout),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let pending_upload = match &self.smux {
+                Some(s) => s.pending_transmit(),
+                None => self.queues.up_bytes,
+            };
+            let upload_room = pending_upload < MAX_PENDING_UPLOAD;
+            let capacity = self.capacity.clone();
+            let Some(socket) = self.socket.as_mut() else {
+                return "no websocket".into();
+            };
+            tokio::select! {
+                msg = socket.next() => match msg {
+                    Some(Ok(Message::Binary(b))) => {
+                        self.last_traffic = Instant::now();
+                        log_frame_error(self.session.handle_frame(b, Instant::now()));
+                    }
+                    Some(Ok(Message::Text(t))) => {
+                        self.last_traffic = Instant::now();
+                        log_frame_error(self.session.handle_frame(Bytes::from(t.as_bytes().to_vec()), Instant::now()));
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let why = format!("websocket closed by the service: {frame:?}");
+                        if let Some(why) = self.reconnect(why).await { return why; }
+                    }
+                    Some(Ok(_)) => self.last_traffic = Instant::now(),
+                    Some(Err(e)) => {
+                        if let Some(why) = self.reconnect(e.to_string()).await { return why; }
+                    }
+                    None => {
+                        if let Some(why) = self.reconnect("websocket closed".into()).await { return why; }
+                    }
+                },
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Open(reply)) => self.open(reply),
+                    Some(Command::Terminate(done)) => {
+                        self.session.terminate(Instant::now());
+                        let _ = self.flush().await;
+                        let _ = done.send(());
+                        return "terminated by the user".into();
+                    }
+                    None => {
+                        self.session.terminate(Instant::now());
+                        let _ = self.flush().await;
+                        return "tunnel dropped".into();
+                    }
+                },
+                input = self.input_rx.recv(), if upload_room => {
+                    if let Some((key, data)) = input { self.on_user_input(key, data); }
+                }
+                _ = capacity.notified() => {}
+                _ = sleep_until(deadline) => {
+                    let now = Instant::now();
+                    self.session.handle_timeout(now);
+                    if let Some(s) = self.smux.as_mut() { s.handle_timeout(now); }
+                }
+                _ = ping.tick() => {
+                    if self.last_traffic.elapsed() > 2 * self.config.ping_interval {
+                        if let Some(why) = self.reconnect("no traffic on the websocket".into()).await { return why; }
+                    } else if let Some(socket) = self.socket.as_mut() {
+                        let _ = socket.send(Message::Ping(Bytes::from_static(b"keepalive"))).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        match self.socket.as_mut() {
+            Some(socket) => flush(socket, &mut self.session).await,
+            None => Err("no websocket".into()),
+        }
+    }
+
+    /// Resumes the session after the websocket failed; `Some(reason)` ends the tunnel.
+    async fn reconnect(&mut self, why: String) -> Option<String> {
+        warn!(reason = %why, "data channel websocket lost");
+        self.counters.last_error = Some(why.clone());
+        self.session.on_disconnect();
+        if let Some(mut s) = self.socket.take() {
+            let _ = s.close(None).await;
+        }
+        let resumer = self.resumer.clone()?;
+        let mut attempt: u32 = 0;
+        loop {
+            if self.session.channel().close_reason().is_some() {
+                return Some(why);
+            }
+            let base = Duration::from_millis(100 + fastrand::u64(0..100));
+            let delay = base
+                .saturating_mul(1 << attempt.min(6))
+                .min(Duration::from_secs(5));
+            if attempt > 0 {
+                tokio::time::sleep(delay).await;
+            }
+            attempt = attempt.saturating_add(1);
+            let token = match resumer().await {
+                Ok(t) if t.is_empty() => {
+                    return Some("session timed out (empty resume token)".into());
+                }
+                Ok(t) => t,
+                Err(ResumeError::Fatal(e)) => return Some(format!("resume refused: {e}")),
+                Err(ResumeError::Retry(e)) => {
+                    debug!(attempt, error = %e, "resume failed, retrying");
+                    self.counters.last_error = Some(e);
+                    continue;
+                }
+            };
+            match websocket::dial(&self.ticket.stream_url, self.config.connect_timeout).await {
+                Ok(mut socket) => {
+                    let open = self.session.open_data_channel_message(&token);
+                    if socket.send(Message::text(open)).await.is_err() {
+                        continue;
+                    }
+                    self.socket = Some(socket);
+                    self.last_traffic = Instant::now();
+                    self.session.on_reconnect(Instant::now());
+                    self.counters.resumes += 1;
+                    info!(attempt, "data channel resumed");
+                    return None;
+                }
+                Err(e) => {
+                    debug!(attempt, error = %e, "reconnect failed, retrying");
+                    self.counters.last_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, reply: oneshot::Sender<Result<DuplexStream, TunnelError>>) {
+        if let Some(why) = self.session.channel().close_reason() {
+            let _ = reply.send(Err(TunnelError::Ended(format!("{why:?}"))));
+            return;
+        }
+        match self.smux.as_mut() {
+            Some(smux) => match smux.open_stream() {
+                Ok(id) => {
+                    let user = self.attach(id.get());
+                    let _ = reply.send(Ok(user));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(TunnelError::Ended(e.to_string())));
+                }
+            },
+            None => {
+                self.basic_waiters.push(reply);
+                self.start_next_basic();
+            }
+        }
+    }
+
+    fn start_next_basic(&mut self) {
+        while self.basic.is_none() && !self.basic_waiters.is_empty() {
+            let reply = self.basic_waiters.remove(0);
+            if reply.is_closed() {
+                continue;
+            }
+            let key = self.next_basic_id;
+            self.next_basic_id = self.next_basic_id.wrapping_add(1);
+            let user = self.attach(key);
+            if reply.send(Ok(user)).is_ok() {
+                self.basic = Some(key);
+            } else {
+                self.streams.remove(&key);
+            }
+        }
+    }
+
+    /// Creates the user's end of a connection and the two tasks that pump it.
+    fn attach(&mut self, key: Key) -> DuplexStream {
+        let (user, ours) = tokio::io::duplex(self.config.stream_buffer);
+        let (mut rd, mut wr) = tokio::io::split(ours);
+        let input = self.input_tx.clone();
+        let chunk = self.config.max_payload.max(1024) * 16;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; chunk];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = input.send((key, None)).await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if input
+                            .send((key, Some(Bytes::copy_from_slice(&buf[..n]))))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let (to_user, mut from_driver) = mpsc::channel::<Bytes>(8);
+        let capacity = self.capacity.clone();
+        tokio::spawn(async move {
+            while let Some(b) = from_driver.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    break;
+                }
+                capacity.notify_one();
+            }
+            let _ = wr.shutdown().await;
+            capacity.notify_one();
+        });
+        self.streams.insert(
+            key,
+            Slot {
+                to_user,
+                remote_fin: false,
+            },
+        );
+        self.counters.open_streams = self.streams.len();
+        self.counters.total_streams += 1;
+        user
+    }
+
+    fn on_user_input(&mut self, key: Key, data: Option<Bytes>) {
+        if !self.streams.contains_key(&key) {
+            return;
+        }
+        match (&mut self.smux, data) {
+            (Some(smux), Some(d)) => {
+                self.counters.bytes_up += d.len() as u64;
+                let _ = smux.write_bytes(StreamId(key), d);
+            }
+            (Some(smux), None) => {
+                let _ = smux.close(StreamId(key));
+                self.drop_stream(key);
+            }
+            (None, Some(d)) => {
+                self.counters.bytes_up += d.len() as u64;
+                self.queues.up_bytes += d.len();
+                self.queues.up.push_back(Upload::Data(d));
+            }
+            (None, None) => {
+                // [P] `basicportforwarding.go` fn `ReadStream`: local EOF → DisconnectToPort,
+                // after everything read before it.
+                self.queues.up.push_back(Upload::Disconnect);
+                self.drop_stream(key);
+                self.basic = None;
+                self.queues.down.clear();
+                self.queues.down_bytes = 0;
+                self.start_next_basic();
+            }
+        }
+    }
+
+    fn drop_stream(&mut self, key: Key) {
+        self.streams.remove(&key);
+        self.counters.open_streams = self.streams.len();
+    }
+
+    fn pump_session(&mut self) {
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                SessionEvent::Output(bytes) => {
+                    self.counters.bytes_down += bytes.len() as u64;
+                    match (&mut self.smux, self.basic) {
+                        (Some(smux), _) => {
+                            if let Err(e) = smux.handle_input(&bytes) {
+                                self.counters.last_error = Some(e.to_string());
+                            }
+                        }
+                        (None, Some(_)) => {
+                            self.queues.down_bytes += bytes.len();
+                            self.queues.down.push_back(bytes);
+                        }
+                        // The receive gate refuses output while no connection is open.
+                        (None, None) => {}
+                    }
+                }
+                SessionEvent::Flag(Flag::ConnectToPortError) => {
+                    warn!("the agent could not connect to the remote port");
+                    self.counters.last_error =
+                        Some("the agent could not connect to the remote host and port".into());
+                }
+                SessionEvent::Closed(end) => {
+                    self.counters.last_error = Some(end.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Moves queued upload bytes into the channel while its window has room.
+    fn pump_upload(&mut self) {
+        let now = Instant::now();
+        let max = self.config.max_payload;
+        while self.session.can_send(max) {
+            let result = match self.smux.as_mut() {
+                Some(smux) => match smux.poll_transmit(max) {
+                    Some(chunk) => self.session.send_output(chunk, now),
+                    None => break,
+                },
+                None => match self.queues.up.pop_front() {
+                    Some(Upload::Data(mut d)) => {
+                        let piece = d.split_to(d.len().min(max));
+                        self.queues.up_bytes -= piece.len();
+                        if !d.is_empty() {
+                            self.queues.up.push_front(Upload::Data(d));
+                        }
+                        self.session.send_output(piece, now)
+                    }
+                    Some(Upload::Disconnect) => self.session.send_flag(Flag::DisconnectToPort, now),
+                    None => break,
+                },
+            };
+            if let Err(e) = result {
+                // Only a closed session refuses once the window has room.
+                self.counters.last_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+
+    /// Basic mode: moves received bytes to the connection's writer task.
+    fn deliver_basic(&mut self) {
+        let Some(slot) = self.basic.and_then(|k| self.streams.get(&k)) else {
+            return;
+        };
+        while let Some(front) = self.queues.down.front() {
+            let Ok(permit) = slot.to_user.try_reserve() else {
+                break;
+            };
+            self.queues.down_bytes -= front.len();
+            permit.send(self.queues.down.pop_front().unwrap_or_default());
+        }
+    }
+
+    /// Moves received smux data to the connections' writer tasks while they have room.
+    fn deliver(&mut self) {
+        let Some(smux) = self.smux.as_mut() else {
+            return self.deliver_basic();
+        };
+        while let Some(ev) = smux.poll_event() {
+            match ev {
+                smux::Event::Finished(id) => {
+                    if let Some(slot) = self.streams.get_mut(&id.get()) {
+                        slot.remote_fin = true;
+                    }
+                }
+                smux::Event::Closed(reason) => {
+                    self.counters.last_error = Some(format!("smux: {reason}"));
+                }
+                smux::Event::Readable(_) | smux::Event::Accepted(_) => {}
+            }
+        }
+        let mut finished = Vec::new();
+        for (&key, slot) in &self.streams {
+            loop {
+                let Ok(permit) = slot.to_user.try_reserve() else {
+                    break;
+                };
+                match smux.read(StreamId(key), DELIVERY_CHUNK) {
+                    Ok(StreamRead::Data(b)) => permit.send(b),
+                    Ok(StreamRead::Blocked) => break,
+                    Ok(StreamRead::Eof) | Err(_) => {
+                        finished.push(key);
+                        break;
+                    }
+                }
+            }
+            if slot.remote_fin && smux.buffered(StreamId(key)) == 0 && !finished.contains(&key) {
+                finished.push(key);
+            }
+        }
+        for key in finished {
+            let _ = smux.close(StreamId(key));
+            self.streams.remove(&key);
+        }
+        self.counters.open_streams = self.streams.len();
+    }
+
+    fn update_receive_ready(&mut self) {
+        let ready = match (&self.smux, self.basic) {
+            (Some(smux), _) => smux.wants_input(),
+            (None, Some(_)) => self.queues.down_bytes < MAX_PENDING_DOWNLOAD,
+            (None, None) => false,
+        };
+        self.session.set_receive_ready(ready);
+    }
+
+    fn publish_stats(&mut self) {
+        self.counters.retransmissions = self.session.channel().stats().retransmissions;
+        let snapshot = self.counters.clone();
+        self.stats.send_if_modified(|s| {
+            if *s == snapshot {
+                false
+            } else {
+                *s = snapshot;
+                true
+            }
+        });
+    }
+
+    fn check_end(&mut self) -> Option<String> {
+        if let Some(reason) = self.session.channel().close_reason() {
+            let why = match reason {
+                crate::proto::channel::CloseReason::ChannelClosed(c) => SessionEnd::ChannelClosed {
+                    output: c.output.clone(),
+                },
+                crate::proto::channel::CloseReason::ResendTimeout { sequence_number } => {
+                    SessionEnd::ResendTimeout {
+                        sequence_number: *sequence_number,
+                    }
+                }
+            };
+            return Some(why.to_string());
+        }
+        if let Some(smux) = &self.smux
+            && let Some(reason) = smux.close_reason()
+        {
+            return Some(format!("smux session closed: {reason}"));
+        }
+        None
+    }
+}
