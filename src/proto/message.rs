@@ -470,4 +470,69 @@ mod tests {
         m.message_type = MessageType::Other("x".repeat(32));
         assert_eq!(decode(m.encode().unwrap().to_vec()).unwrap(), m);
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn message_type() -> impl Strategy<Value = MessageType> {
+            prop_oneof![
+                Just(MessageType::InputStreamData),
+                Just(MessageType::OutputStreamData),
+                Just(MessageType::Acknowledge),
+                Just(MessageType::ChannelClosed),
+                Just(MessageType::StartPublication),
+                Just(MessageType::PausePublication),
+                Just(MessageType::AgentSessionState),
+                "[a-z_]{1,32}".prop_map(|s| MessageType::parse(&s)),
+            ]
+        }
+
+        prop_compose! {
+            fn message()(
+                message_type in message_type(),
+                schema_version in any::<u32>(),
+                created_date in 1..u64::MAX,
+                sequence_number in any::<i64>(),
+                flags in any::<u64>(),
+                id in any::<u128>(),
+                payload_type in any::<u32>(),
+                payload in prop::collection::vec(any::<u8>(), 1..2048),
+            ) -> ClientMessage {
+                ClientMessage {
+                    message_type,
+                    schema_version,
+                    created_date,
+                    sequence_number,
+                    flags,
+                    message_id: Uuid::from_u128(id),
+                    payload_type: PayloadType::from_u32(payload_type),
+                    payload: Bytes::from(payload),
+                }
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn encode_decode_round_trip(m in message()) {
+                let frame = m.encode().unwrap();
+                prop_assert_eq!(frame.len(), m.encoded_len());
+                prop_assert_eq!(ClientMessage::decode(frame).unwrap(), m);
+            }
+
+            #[test]
+            fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+                let _ = ClientMessage::decode(Bytes::from(bytes));
+            }
+
+            #[test]
+            fn any_single_bit_flip_in_the_payload_is_caught(m in message(), bit in any::<prop::sample::Index>()) {
+                prop_assume!(!m.message_type.is_publication());
+                let mut frame = m.encode().unwrap().to_vec();
+                let i = PAYLOAD_OFFSET + bit.index(m.payload.len() * 8) / 8;
+                frame[i] ^= 1 << (bit.index(8));
+                prop_assert_eq!(ClientMessage::decode(Bytes::from(frame)), Err(DecodeError::DigestMismatch));
+            }
+        }
+    }
 }
