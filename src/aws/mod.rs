@@ -5,3 +5,4 @@
 //!   Connect Endpoint, byte-identical to the one aws-cli builds.
 
 pub mod eice_presign;
+pub mod ssm;

@@ -36,6 +36,9 @@ use super::message::{ClientMessage, DecodeError, EncodeError, SCHEMA_VERSION};
 use super::payload::{self, AcknowledgeContent, ChannelClosed, PayloadError};
 use super::rtt::RttEstimator;
 
+/// Retransmission backoff cap: at most 2^3 = 8 times the RTO.
+const MAX_BACKOFF_SHIFT: u32 = 3;
+
 /// Which end of the data channel this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -115,9 +118,11 @@ pub enum ChannelEvent {
         /// Its payload, as on the wire (still encrypted if KMS encryption is on).
         payload: Bytes,
     },
-    /// The service sent `pause_publication`: new messages are held until resumed.
+    /// The service sent `pause_publication` (the agent's side is inactive). Sending
+    /// continues as in [P], which ignores the message: what is lost meanwhile is
+    /// retransmitted. Reported for status displays.
     Paused,
-    /// Sending resumed (`start_publication`, or inbound traffic, as in [A]).
+    /// Publication resumed (`start_publication`, or inbound traffic, as in [A]).
     Resumed,
     /// The channel ended; no further events follow.
     Closed(CloseReason),
@@ -320,17 +325,21 @@ impl Channel {
                 deadline: None,
             },
         );
-        if self.connected && !self.paused {
+        if self.connected {
             self.transmit_seq(seq, now);
         }
         Ok(seq)
     }
 
     fn transmit_seq(&mut self, seq: i64, now: Instant) {
-        let rto = self.rtt.rto();
+        let base = self.rtt.rto();
         let Some(out) = self.unacked.get_mut(&seq) else {
             return;
         };
+        // Each retransmission of the same message doubles its timeout, up to 8 RTO, so
+        // a peer that stops acknowledging is not flooded with the whole window every
+        // RTO (the references avoid this by resending only the oldest message).
+        let rto = base.saturating_mul(1 << out.transmissions.min(MAX_BACKOFF_SHIFT));
         if out.transmissions > 0 {
             self.stats.retransmissions += 1;
         }
@@ -366,7 +375,7 @@ impl Channel {
 
     /// When [`Channel::handle_timeout`] must next be called, if at all.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        if self.closed.is_some() || !self.connected || self.paused {
+        if self.closed.is_some() || !self.connected {
             return None;
         }
         while let Some(&Reverse((deadline, seq))) = self.timers.peek() {
@@ -385,7 +394,7 @@ impl Channel {
     /// Retransmits every message whose timer expired at or before `now`, and gives up
     /// on one that has waited longer than [`ChannelConfig::give_up_after`].
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.closed.is_some() || !self.connected || self.paused {
+        if self.closed.is_some() || !self.connected {
             return;
         }
         while let Some(&Reverse((deadline, seq))) = self.timers.peek() {
@@ -424,16 +433,11 @@ impl Channel {
     pub fn on_reconnect(&mut self, now: Instant) {
         self.connected = true;
         self.set_paused(false);
-        self.flush_unacked(now, true);
+        self.flush_unacked(now);
     }
 
-    fn flush_unacked(&mut self, now: Instant, all: bool) {
-        let seqs: Vec<i64> = self
-            .unacked
-            .iter()
-            .filter(|(_, o)| all || o.transmissions == 0)
-            .map(|(&s, _)| s)
-            .collect();
+    fn flush_unacked(&mut self, now: Instant) {
+        let seqs: Vec<i64> = self.unacked.keys().copied().collect();
         for seq in seqs {
             self.transmit_seq(seq, now);
         }
@@ -451,13 +455,8 @@ impl Channel {
         });
     }
 
-    fn resume(&mut self, now: Instant) {
-        if self.paused {
-            self.set_paused(false);
-            if self.connected {
-                self.flush_unacked(now, false);
-            }
-        }
+    fn resume(&mut self) {
+        self.set_paused(false);
     }
 
     /// Whether in-order stream data is accepted. While `false`, new stream data is
@@ -488,14 +487,20 @@ impl Channel {
             MessageType::Acknowledge => {
                 let ack: AcknowledgeContent = payload::from_json("acknowledge", &msg.payload)?;
                 self.handle_ack(&ack, now);
-                self.resume(now);
+                self.resume();
             }
             MessageType::ChannelClosed => {
-                let closed: ChannelClosed = payload::from_json("channel_closed", &msg.payload)?;
-                self.close(CloseReason::ChannelClosed(closed));
+                // [P] `streaming.go` fn `HandleChannelClosedMessage` ends the session even
+                // when the payload does not parse; so do we, and report the error.
+                let parsed: Result<ChannelClosed, _> =
+                    payload::from_json("channel_closed", &msg.payload);
+                self.close(CloseReason::ChannelClosed(
+                    parsed.as_ref().cloned().unwrap_or_default(),
+                ));
+                parsed?;
             }
             MessageType::PausePublication => self.set_paused(true),
-            MessageType::StartPublication => self.resume(now),
+            MessageType::StartPublication => self.resume(),
             _ => self.stats.ignored += 1,
         }
         Ok(())
@@ -534,7 +539,7 @@ impl Channel {
             } else {
                 self.stats.refused += 1;
             }
-            self.resume(now);
+            self.resume();
             return;
         }
         if !self.receive_ready {
@@ -548,7 +553,7 @@ impl Channel {
         while let Some(next) = self.reorder.remove(&self.expected_seq) {
             self.deliver(next);
         }
-        self.resume(now);
+        self.resume();
     }
 
     fn deliver(&mut self, msg: ClientMessage) {
@@ -600,7 +605,7 @@ impl Channel {
         self.closed.as_ref()
     }
 
-    /// True while the service has paused publication.
+    /// True between `pause_publication` and `start_publication` (or inbound traffic).
     pub fn is_paused(&self) -> bool {
         self.paused
     }
@@ -889,7 +894,7 @@ mod tests {
     }
 
     #[test]
-    fn pause_holds_new_messages_and_resume_sends_them() {
+    fn pause_is_reported_but_sending_continues_as_in_the_plugin() {
         let (mut c, mut a, now) = pair();
         let pause = ClientMessage {
             message_type: MessageType::PausePublication,
@@ -905,19 +910,59 @@ mod tests {
         assert!(c.is_paused());
         c.send(PayloadType::Output, Bytes::from_static(b"x"), now)
             .unwrap();
-        assert!(frames(&mut c).is_empty());
-        assert_eq!(c.poll_timeout(), None);
+        let f = frames(&mut c);
+        assert_eq!(f.len(), 1, "[P] keeps sending while paused");
+        assert!(c.poll_timeout().is_some(), "retransmission keeps running");
+        a.handle_frame(f[0].clone(), now).unwrap();
+        assert_eq!(data(&mut a).len(), 1);
         let mut start = pause.clone();
         start.message_type = MessageType::StartPublication;
         c.handle_frame(start.encode().unwrap(), now).unwrap();
-        let f = frames(&mut c);
-        assert_eq!(f.len(), 1);
-        a.handle_frame(f[0].clone(), now).unwrap();
-        assert_eq!(data(&mut a).len(), 1);
+        assert!(!c.is_paused());
         assert_eq!(
             events(&mut c),
             vec![ChannelEvent::Paused, ChannelEvent::Resumed]
         );
+    }
+
+    #[test]
+    fn retransmissions_back_off_per_message() {
+        let (mut c, _, now) = pair();
+        c.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+            .unwrap();
+        frames(&mut c);
+        let mut fired = Vec::new();
+        for _ in 0..6 {
+            let t = c.poll_timeout().unwrap();
+            c.handle_timeout(t);
+            assert_eq!(frames(&mut c).len(), 1);
+            fired.push(t.duration_since(now).as_millis());
+        }
+        // RTO 200 ms, doubling per retransmission, capped at 8 RTO.
+        assert_eq!(fired, vec![200, 600, 1400, 3000, 4600, 6200]);
+    }
+
+    #[test]
+    fn unparseable_channel_closed_still_ends_the_channel() {
+        let (mut c, _, now) = pair();
+        let msg = ClientMessage {
+            message_type: MessageType::ChannelClosed,
+            schema_version: 1,
+            created_date: 1,
+            sequence_number: 0,
+            flags: 3,
+            message_id: Uuid::new_v4(),
+            payload_type: PayloadType::Undefined,
+            payload: Bytes::from_static(b"not json"),
+        };
+        assert!(matches!(
+            c.handle_frame(msg.encode().unwrap(), now),
+            Err(FrameError::Payload(_))
+        ));
+        assert!(matches!(
+            c.close_reason(),
+            Some(CloseReason::ChannelClosed(_))
+        ));
     }
 
     #[test]

@@ -71,6 +71,27 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// Accepts a string, a number or null (service payloads whose format no source pins).
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => s,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+/// Accepts an integer, a string holding one, or null.
+fn number_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(0),
+        Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| serde::de::Error::custom("SchemaVersion is not an integer")),
+        Value::String(s) => s.trim().parse().map_err(serde::de::Error::custom),
+        _ => Err(serde::de::Error::custom("SchemaVersion must be a number")),
+    }
+}
+
 /// Go encodes `[]byte` as standard base64 with padding, and `nil` as `null`.
 mod go_bytes {
     use super::*;
@@ -172,8 +193,9 @@ pub struct ChannelClosed {
     /// Message id (string).
     #[serde(rename = "MessageId", deserialize_with = "null_default")]
     pub message_id: String,
-    /// Creation date as a string (format not confirmed by any source).
-    #[serde(rename = "CreatedDate", deserialize_with = "null_default")]
+    /// Creation date as a string (format not confirmed by any source; a JSON number is
+    /// accepted and kept as its decimal text).
+    #[serde(rename = "CreatedDate", deserialize_with = "string_or_number")]
     pub created_date: String,
     /// The target.
     #[serde(rename = "DestinationId", deserialize_with = "null_default")]
@@ -184,8 +206,8 @@ pub struct ChannelClosed {
     /// `"channel_closed"`.
     #[serde(rename = "MessageType", deserialize_with = "null_default")]
     pub message_type: String,
-    /// Schema version.
-    #[serde(rename = "SchemaVersion", deserialize_with = "null_default")]
+    /// Schema version (a JSON string holding a number is accepted).
+    #[serde(rename = "SchemaVersion", deserialize_with = "number_or_string")]
     pub schema_version: i64,
     /// Text for the user; may be empty.
     #[serde(rename = "Output", deserialize_with = "null_default")]
@@ -421,6 +443,13 @@ mod tests {
         assert!(req.requested_client_actions.is_empty());
         let cc: ChannelClosed = from_json("cc", br#"{"Output":"bye","Unknown":1}"#).unwrap();
         assert_eq!(cc.output, "bye");
+        let cc: ChannelClosed = from_json(
+            "cc",
+            br#"{"CreatedDate":1700000000000,"SchemaVersion":"1"}"#,
+        )
+        .unwrap();
+        assert_eq!(cc.created_date, "1700000000000");
+        assert_eq!(cc.schema_version, 1);
     }
 
     #[test]

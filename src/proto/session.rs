@@ -390,14 +390,15 @@ impl ClientSession {
         supported && self.send_flag(Flag::TerminateSession, now).is_ok()
     }
 
-    /// Installs the 64-byte data key returned by KMS GenerateDataKey and sends the
-    /// HandshakeResponse. `challenge_acknowledged` must be true exactly when the key
-    /// was generated with the `aws:ssm:RandomChallenge` context entry.
+    /// Installs the 64-byte data key returned by KMS GenerateDataKey (called with the
+    /// context of [`SessionEvent::DataKeyRequired`]) and sends the HandshakeResponse.
+    /// ChallengeAcknowledgement is set exactly when that context carried
+    /// `aws:ssm:RandomChallenge`, since the agent's KMS Decrypt uses the same rule ([A]
+    /// `blockcipher.go` fn `UpdateEncryptionKey`).
     pub fn provide_data_key(
         &mut self,
         plaintext: &[u8],
         ciphertext_blob: Vec<u8>,
-        challenge_acknowledged: bool,
         now: Instant,
     ) -> Result<(), DataKeyError> {
         let State::AwaitingDataKey { .. } = self.state else {
@@ -405,10 +406,14 @@ impl ClientSession {
         };
         let key = DataKey::from_plaintext(plaintext)?;
         let cipher = SessionCipher::new(crypto::Role::Client, &key)?;
+        let challenge_acknowledgement = self
+            .kms_request
+            .as_ref()
+            .is_some_and(|r| !r.challenge.is_empty());
         let result = KmsEncryptionResponse {
             kms_cipher_text_key: ciphertext_blob,
             kms_cipher_text_hash: None,
-            challenge_acknowledgement: challenge_acknowledged,
+            challenge_acknowledgement,
         };
         let result = serde_json::to_value(&result).unwrap_or(Value::Null);
         // [P] turns encryption on as soon as it builds the response.
@@ -422,11 +427,7 @@ impl ClientSession {
         let State::AwaitingDataKey { .. } = self.state else {
             return Err(DataKeyError::NotRequested);
         };
-        let msg = format!(
-            "Failed to process action {}: {error}",
-            action_type::KMS_ENCRYPTION
-        );
-        self.finish_kms_action(ActionStatus::Failed, Value::Null, msg, now)
+        self.finish_kms_action(ActionStatus::Failed, Value::Null, error.to_owned(), now)
     }
 
     fn finish_kms_action(
@@ -448,9 +449,14 @@ impl ClientSession {
             action.action_status = status;
             action.action_result = result;
             if !error.is_empty() {
-                errors.push(error.clone());
+                // [P] fn `handleHandshakeRequest`: the action's Error says which action
+                // failed; `Errors` lists the bare errors.
+                action.error = format!(
+                    "Failed to process action {}: {error}",
+                    action_type::KMS_ENCRYPTION
+                );
+                errors.push(error);
             }
-            action.error = error;
         }
         self.send_handshake_response(processed, errors, now)?;
         Ok(())
@@ -534,12 +540,13 @@ impl ClientSession {
                             self.session_type = Some(req);
                         }
                         other => {
+                            let error = format!("Unknown session type {other}");
                             answer.action_status = ActionStatus::Failed;
                             answer.error = format!(
-                                "Failed to process action {}: Unknown session type {other}",
+                                "Failed to process action {}: {error}",
                                 action_type::SESSION_TYPE
                             );
-                            errors.push(answer.error.clone());
+                            errors.push(error);
                         }
                     }
                 }
@@ -872,7 +879,13 @@ mod tests {
         );
         assert_eq!(acts[1].action_status, ActionStatus::Other(0));
         assert_eq!(acts[1].action_result, json!(3));
-        assert_eq!(resp.errors.as_ref().map(Vec::len), Some(2));
+        assert_eq!(
+            resp.errors,
+            Some(vec![
+                "Unknown session type Bogus".to_owned(),
+                "Unsupported action Teleport".to_owned()
+            ])
+        );
     }
 
     #[test]
@@ -900,8 +913,7 @@ mod tests {
         assert!(a.received().is_empty(), "no response before the data key");
 
         let key: Vec<u8> = (0u8..64).collect();
-        c.provide_data_key(&key, b"blob".to_vec(), true, now)
-            .unwrap();
+        c.provide_data_key(&key, b"blob".to_vec(), now).unwrap();
         shuttle(&mut c, &mut a, now);
         let got = a.received();
         let resp: HandshakeResponse = payload::from_json("r", &got[0].1).unwrap();
@@ -976,13 +988,14 @@ mod tests {
             resp.processed_client_actions[1].action_status,
             ActionStatus::Failed
         );
-        assert!(
-            resp.processed_client_actions[1]
-                .error
-                .contains("AccessDenied")
+        let failed = &resp.processed_client_actions[1];
+        assert_eq!(
+            failed.error,
+            "Failed to process action KMSEncryption: AccessDeniedException"
         );
+        assert_eq!(resp.errors, Some(vec!["AccessDeniedException".to_owned()]));
         assert!(matches!(
-            c.provide_data_key(&[0; 64], vec![], false, now),
+            c.provide_data_key(&[0; 64], vec![], now),
             Err(DataKeyError::NotRequested)
         ));
     }
