@@ -12,6 +12,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod aws;
+pub mod config;
+pub mod daemon;
 pub mod proto;
+pub mod sim;
 pub mod transport;

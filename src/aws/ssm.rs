@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::transport::ssm::SessionTicket;
 
 /// Where and as whom to call AWS.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AwsTarget {
     /// Named profile from `~/.aws/config` (`None`: the default chain).
     pub profile: Option<String>,

@@ -1,0 +1,102 @@
+//! Control-API types shared by `bastiond` and `bastionctl` (JSON over HTTP on a Unix
+//! socket; the protocol is specified in `proto-docs/control-api.md`).
+
+use serde::{Deserialize, Serialize};
+
+/// The API version, the first path segment of every route (`/v1/...`).
+pub const API_VERSION: &str = "v1";
+
+/// Largest request body the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The state of a profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileState {
+    /// Not listening.
+    Closed,
+    /// Listening; no session yet (one starts on the first connection).
+    Listening,
+    /// Starting a session (StartSession, websocket, handshake).
+    Connecting,
+    /// A session is up.
+    Ready,
+    /// The last attempt failed; still listening, the next connection retries.
+    Error,
+}
+
+/// Everything `bastionctl status` shows about a profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileStatus {
+    /// Profile name.
+    pub name: String,
+    /// State.
+    pub state: ProfileState,
+    /// Local listen addresses (`127.0.0.1:5432`, `[::1]:5432`, `unix:/path`).
+    pub listen: Vec<String>,
+    /// Session target (instance id, `ecs:` target or tag filter).
+    pub target: String,
+    /// Remote host and port as the agent dials them.
+    pub remote: String,
+    /// The live session, if any.
+    pub session_id: Option<String>,
+    /// The agent's version, once known.
+    pub agent_version: Option<String>,
+    /// `mux` or `basic`, once known.
+    pub mode: Option<String>,
+    /// Open client connections.
+    pub connections: usize,
+    /// Connections accepted since the profile opened.
+    pub total_connections: u64,
+    /// Bytes sent to the remote host.
+    pub bytes_up: u64,
+    /// Bytes received from the remote host.
+    pub bytes_down: u64,
+    /// Seconds since the session became ready.
+    pub uptime_secs: Option<u64>,
+    /// Websocket resumes of the current session.
+    pub resumes: u64,
+    /// The last error, in words a user can act on.
+    pub last_error: Option<String>,
+}
+
+/// A progress event while `open --warm` brings a session up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Phase name (`listening`, `starting_session`, `connecting`, `ready`, `failed`).
+    pub phase: String,
+    /// Seconds since the request started.
+    pub elapsed_secs: f64,
+    /// Details (session id, error text).
+    pub detail: Option<String>,
+}
+
+/// Request body of `POST /v1/profiles/{name}/open`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenRequest {
+    /// Start the session now instead of on the first connection.
+    #[serde(default)]
+    pub warm: bool,
+}
+
+/// An error answer: HTTP status plus this body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Machine-readable code (`unknown_profile`, `bad_request`, `port_in_use`, ...).
+    pub code: String,
+    /// A sentence for the user.
+    pub message: String,
+}
+
+/// Answer of `POST /v1/reload`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    /// Profiles added.
+    pub added: Vec<String>,
+    /// Profiles removed (their listeners closed).
+    pub removed: Vec<String>,
+    /// Profiles whose settings changed (reopened).
+    pub changed: Vec<String>,
+    /// Profiles left untouched.
+    pub unchanged: Vec<String>,
+}

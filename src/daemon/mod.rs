@@ -1,0 +1,186 @@
+//! The daemon: the set of profiles, configuration reloads, shared AWS clients and
+//! orderly shutdown. The control API ([`control`]) is a thin layer over [`Daemon`].
+
+pub mod control;
+pub mod profile;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Mutex as AsyncMutex, mpsc};
+use tracing::info;
+
+use crate::api::{ApiError, ProfileStatus, Progress, ReloadResult};
+use crate::aws::ssm::{AwsTarget, SsmApi, load_config};
+use crate::config::{Config, Profile};
+use crate::transport::ssm::TunnelConfig;
+use profile::{ApiProvider, ProfileRuntime};
+
+/// The running daemon. Share it as `Arc<Daemon>`.
+pub struct Daemon {
+    config_path: PathBuf,
+    profiles: Mutex<BTreeMap<String, Arc<ProfileRuntime>>>,
+    tunnel_config: TunnelConfig,
+    api: ApiProvider,
+    reload_lock: AsyncMutex<()>,
+}
+
+fn unknown(name: &str) -> ApiError {
+    ApiError {
+        code: "unknown_profile".into(),
+        message: format!("no profile named {name:?}; `bastionctl list` shows the configured ones"),
+    }
+}
+
+impl Daemon {
+    /// A daemon for `config` (read from `config_path`, which reloads re-read).
+    pub fn new(config_path: &Path, config: Config) -> Arc<Daemon> {
+        let clients: Arc<AsyncMutex<HashMap<AwsTarget, SsmApi>>> = Arc::default();
+        let api: ApiProvider = Arc::new(move |p: &Profile| {
+            let key = AwsTarget {
+                profile: p.aws_profile.clone(),
+                region: p.region.clone(),
+            };
+            let clients = clients.clone();
+            Box::pin(async move {
+                let mut map = clients.lock().await;
+                if let Some(api) = map.get(&key) {
+                    return api.clone();
+                }
+                let api = SsmApi::new(&load_config(&key).await);
+                map.insert(key, api.clone());
+                api
+            })
+        });
+        let tunnel_config = TunnelConfig::default();
+        let profiles = config
+            .profiles
+            .into_values()
+            .map(|p| (p.name.clone(), ProfileRuntime::new(p, tunnel_config.clone(), api.clone())))
+            .collect();
+        Arc::new(Daemon {
+            config_path: config_path.to_path_buf(),
+            profiles: Mutex::new(profiles),
+            tunnel_config,
+            api,
+            reload_lock: AsyncMutex::new(()),
+        })
+    }
+
+    fn profiles(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<ProfileRuntime>>> {
+        self.profiles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<ProfileRuntime>, ApiError> {
+        self.profiles().get(name).cloned().ok_or_else(|| unknown(name))
+    }
+
+    /// Opens every profile marked `autostart`. Failures are recorded on the profile.
+    pub async fn autostart(&self) {
+        let auto: Vec<_> = self
+            .profiles()
+            .values()
+            .filter(|p| p.profile().autostart)
+            .cloned()
+            .collect();
+        for p in auto {
+            if let Err(e) = p.open(false, None).await {
+                tracing::warn!(profile = %p.profile().name, error = %e.message, "autostart failed");
+            }
+        }
+    }
+
+    /// `bastionctl open`.
+    pub async fn open(
+        &self,
+        name: &str,
+        warm: bool,
+        progress: Option<mpsc::Sender<Progress>>,
+    ) -> Result<ProfileStatus, ApiError> {
+        self.get(name)?.open(warm, progress).await
+    }
+
+    /// `bastionctl close`.
+    pub async fn close(&self, name: &str) -> Result<ProfileStatus, ApiError> {
+        Ok(self.get(name)?.close().await)
+    }
+
+    /// `bastionctl status NAME`.
+    pub fn status(&self, name: &str) -> Result<ProfileStatus, ApiError> {
+        Ok(self.get(name)?.status())
+    }
+
+    /// `bastionctl list` / `status`.
+    pub fn list(&self) -> Vec<ProfileStatus> {
+        self.profiles().values().map(|p| p.status()).collect()
+    }
+
+    /// Re-reads the configuration. Unchanged profiles keep their listeners and
+    /// sessions; changed ones are closed and, if they were open, reopened.
+    pub async fn reload(&self) -> Result<ReloadResult, ApiError> {
+        let _guard = self.reload_lock.lock().await;
+        let config = Config::load(&self.config_path).map_err(|e| ApiError {
+            code: "bad_config".into(),
+            message: format!("configuration not reloaded:\n{e}"),
+        })?;
+        let mut result = ReloadResult::default();
+        let old: BTreeMap<_, _> = self.profiles().clone();
+        let mut next = BTreeMap::new();
+        let mut reopen = Vec::new();
+        for (name, p) in config.profiles {
+            match old.get(&name) {
+                Some(rt) if *rt.profile() == p => {
+                    result.unchanged.push(name.clone());
+                    next.insert(name, rt.clone());
+                }
+                Some(rt) => {
+                    let was_open = rt.status().state != crate::api::ProfileState::Closed;
+                    rt.close().await;
+                    let fresh = ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
+                    if was_open || fresh.profile().autostart {
+                        reopen.push(fresh.clone());
+                    }
+                    result.changed.push(name.clone());
+                    next.insert(name, fresh);
+                }
+                None => {
+                    let fresh = ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
+                    if fresh.profile().autostart {
+                        reopen.push(fresh.clone());
+                    }
+                    result.added.push(name.clone());
+                    next.insert(name, fresh);
+                }
+            }
+        }
+        for (name, rt) in &old {
+            if !next.contains_key(name) {
+                rt.close().await;
+                result.removed.push(name.clone());
+            }
+        }
+        *self.profiles() = next;
+        for rt in reopen {
+            if let Err(e) = rt.open(false, None).await {
+                tracing::warn!(profile = %rt.profile().name, error = %e.message, "reopen after reload failed");
+            }
+        }
+        info!(?result, "configuration reloaded");
+        Ok(result)
+    }
+
+    /// Stops accepting everywhere, lets connections finish for up to `grace`, then
+    /// terminates every session.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all: Vec<_> = self.profiles().values().cloned().collect();
+        let tasks: Vec<_> = all
+            .into_iter()
+            .map(|p| tokio::spawn(async move { p.shutdown(grace).await }))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
