@@ -18,7 +18,8 @@
 //! * Acks are selective: an ack removes exactly the message with its sequence number
 //!   ([P] fn `ProcessAcknowledgedMessage`).
 //! * Unlike the references' "resend only the oldest message every 100 ms", every
-//!   unacknowledged message has its own retransmission timer of one RTO.
+//!   unacknowledged message has its own retransmission timer: one RTO, doubled on each
+//!   retransmission of that message up to 8 RTO.
 //! * Unlike the references' unbounded (plugin: evicting) outgoing buffer, the number
 //!   and bytes of unacknowledged messages are bounded; [`Channel::send`] refuses with
 //!   [`SendError::WindowFull`] instead of dropping data.
@@ -279,8 +280,8 @@ impl Channel {
 
     /// Queues one stream-data message and returns its sequence number.
     ///
-    /// The message is transmitted at once unless the channel is paused or disconnected,
-    /// and kept until acknowledged.
+    /// The message is transmitted at once unless the channel is disconnected, and kept
+    /// until acknowledged.
     pub fn send(
         &mut self,
         payload_type: PayloadType,
