@@ -42,7 +42,7 @@ pub struct ProfileStatus {
     pub session_id: Option<String>,
     /// The agent's version, once known.
     pub agent_version: Option<String>,
-    /// `mux` or `basic`, once known.
+    /// `mux`, `basic` (or `stream` for a non-port session), once known.
     pub mode: Option<String>,
     /// Open client connections.
     pub connections: usize,
@@ -99,4 +99,38 @@ pub struct ReloadResult {
     pub changed: Vec<String>,
     /// Profiles left untouched.
     pub unchanged: Vec<String>,
+    /// Profiles that could not be reopened after the reload, with the reason.
+    #[serde(default)]
+    pub failed: Vec<String>,
+}
+
+/// Content type of the `open` progress stream (one JSON value per line).
+pub const NDJSON_CONTENT_TYPE: &str = "application/x-ndjson";
+
+/// Answer of `GET /v1/health`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// The daemon's version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// One line of the `POST /v1/profiles/{name}/open` stream when `warm` is true: progress
+/// events, then exactly one final `status` or `error` line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OpenEvent {
+    /// The session is coming up.
+    Progress(Progress),
+    /// Final line: the profile is open and its session ready.
+    Status {
+        /// The profile's status.
+        status: ProfileStatus,
+    },
+    /// Final line: the open failed.
+    Error {
+        /// Why.
+        error: ApiError,
+    },
 }

@@ -311,11 +311,23 @@ fn port(ctx: &mut Ctx, v: &Spanned<i64>, key: &str, allow_zero: bool) -> Option<
     Some(n as u16)
 }
 
-fn validate(ctx: &mut Ctx, name: &str, p: &RawSettings, d: &RawSettings, at: Range<usize>) -> Option<Profile> {
+fn validate(
+    ctx: &mut Ctx,
+    name: &str,
+    p: &RawSettings,
+    d: &RawSettings,
+    at: Range<usize>,
+) -> Option<Profile> {
     let before = ctx.errors.len();
-    let target = match (merged(&p.target, &d.target), merged(&p.target_tags, &d.target_tags)) {
+    let target = match (
+        merged(&p.target, &d.target),
+        merged(&p.target_tags, &d.target_tags),
+    ) {
         (Some(_), Some(tags)) => {
-            ctx.err(Some(tags.span()), "set either target or target_tags, not both");
+            ctx.err(
+                Some(tags.span()),
+                "set either target or target_tags, not both",
+            );
             None
         }
         (Some(t), None) => {
@@ -347,26 +359,40 @@ fn validate(ctx: &mut Ctx, name: &str, p: &RawSettings, d: &RawSettings, at: Ran
         }
         (None, Some(tags)) => Some(Target::Tags(tags.get_ref().clone())),
         (None, None) => {
-            ctx.err(Some(at.clone()), format!("profile {name:?} needs a target (instance id, ecs: target) or target_tags"));
+            ctx.err(
+                Some(at.clone()),
+                format!(
+                    "profile {name:?} needs a target (instance id, ecs: target) or target_tags"
+                ),
+            );
             None
         }
     };
     let remote_host = merged(&p.remote_host, &d.remote_host).map(|h| {
         let v = h.get_ref().trim().to_owned();
         if v.is_empty() || v.contains(char::is_whitespace) || v.contains('/') {
-            ctx.err(Some(h.span()), format!("remote_host {v:?} is not a host name or address"));
+            ctx.err(
+                Some(h.span()),
+                format!("remote_host {v:?} is not a host name or address"),
+            );
         }
         v
     });
     let remote_port = match merged(&p.remote_port, &d.remote_port) {
         Some(v) => port(ctx, &v, "remote_port", false),
         None => {
-            ctx.err(Some(at.clone()), format!("profile {name:?} needs remote_port"));
+            ctx.err(
+                Some(at.clone()),
+                format!("profile {name:?} needs remote_port"),
+            );
             None
         }
     };
     let bind = match merged(&p.bind, &d.bind) {
-        None => vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)],
+        None => vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ],
         Some(list) => {
             if list.get_ref().is_empty() {
                 ctx.err(Some(list.span()), "bind must list at least one address");
@@ -381,18 +407,29 @@ fn validate(ctx: &mut Ctx, name: &str, p: &RawSettings, d: &RawSettings, at: Ran
                 };
                 match parsed {
                     Ok(ip) => addrs.push(ip),
-                    Err(_) => ctx.err(Some(a.span()), format!("bind address {s:?} is not an IP address")),
+                    Err(_) => ctx.err(
+                        Some(a.span()),
+                        format!("bind address {s:?} is not an IP address"),
+                    ),
                 }
             }
             addrs
         }
     };
-    let listen = match (merged(&p.local_port, &d.local_port), merged(&p.local_socket, &d.local_socket)) {
+    let listen = match (
+        merged(&p.local_port, &d.local_port),
+        merged(&p.local_socket, &d.local_socket),
+    ) {
         (Some(_), Some(sock)) => {
-            ctx.err(Some(sock.span()), "set either local_port or local_socket, not both");
+            ctx.err(
+                Some(sock.span()),
+                "set either local_port or local_socket, not both",
+            );
             None
         }
-        (Some(lp), None) => port(ctx, &lp, "local_port", false).map(|port| Listen::Tcp { addrs: bind, port }),
+        (Some(lp), None) => {
+            port(ctx, &lp, "local_port", false).map(|port| Listen::Tcp { addrs: bind, port })
+        }
         (None, Some(sock)) => {
             let path = PathBuf::from(sock.get_ref());
             if !path.is_absolute() {
@@ -401,7 +438,10 @@ fn validate(ctx: &mut Ctx, name: &str, p: &RawSettings, d: &RawSettings, at: Ran
             Some(Listen::Unix(path))
         }
         (None, None) => {
-            ctx.err(Some(at.clone()), format!("profile {name:?} needs local_port or local_socket"));
+            ctx.err(
+                Some(at.clone()),
+                format!("profile {name:?} needs local_port or local_socket"),
+            );
             None
         }
     };
@@ -409,12 +449,19 @@ fn validate(ctx: &mut Ctx, name: &str, p: &RawSettings, d: &RawSettings, at: Ran
         Some(doc) => {
             let v = doc.get_ref().clone();
             let valid = (3..=128).contains(&v.len())
-                && v.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:/".contains(c));
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.:/".contains(c));
             if !valid {
-                ctx.err(Some(doc.span()), format!("document {v:?} is not a valid SSM document name"));
+                ctx.err(
+                    Some(doc.span()),
+                    format!("document {v:?} is not a valid SSM document name"),
+                );
             }
             if v == DOC_REMOTE_HOST && remote_host.is_none() {
-                ctx.err(Some(doc.span()), format!("{DOC_REMOTE_HOST} needs remote_host"));
+                ctx.err(
+                    Some(doc.span()),
+                    format!("{DOC_REMOTE_HOST} needs remote_host"),
+                );
             }
             v
         }
@@ -445,7 +492,10 @@ fn validate(ctx: &mut Ctx, name: &str, p: &RawSettings, d: &RawSettings, at: Ran
     let max_connections = match merged(&p.max_connections, &d.max_connections) {
         None => 256,
         Some(v) if *v.get_ref() < 1 || *v.get_ref() > 100_000 => {
-            ctx.err(Some(v.span()), "max_connections must be between 1 and 100000");
+            ctx.err(
+                Some(v.span()),
+                "max_connections must be between 1 and 100000",
+            );
             0
         }
         Some(v) => *v.get_ref() as usize,
@@ -481,10 +531,14 @@ fn apply_env(
     env: &dyn Fn(&str) -> Option<String>,
     errors: &mut Vec<ConfigError>,
 ) {
-    let mut tables: Vec<(String, Vec<String>)> = vec![("BASTION_DEFAULT".into(), vec!["defaults".into()])];
+    let mut tables: Vec<(String, Vec<String>)> =
+        vec![("BASTION_DEFAULT".into(), vec!["defaults".into()])];
     if let Some(toml::Value::Table(profiles)) = doc.get("profiles") {
         for name in profiles.keys() {
-            let prefix = format!("BASTION_PROFILE_{}", name.to_ascii_uppercase().replace('-', "_"));
+            let prefix = format!(
+                "BASTION_PROFILE_{}",
+                name.to_ascii_uppercase().replace('-', "_")
+            );
             tables.push((prefix, vec!["profiles".into(), name.clone()]));
         }
     }
@@ -568,7 +622,11 @@ impl Config {
         };
         let ctx_text = if overridden { source.as_str() } else { text };
         let mut ctx = Ctx {
-            file: if overridden { Path::new("<config with environment overrides>") } else { file },
+            file: if overridden {
+                Path::new("<config with environment overrides>")
+            } else {
+                file
+            },
             text: ctx_text,
             errors: ctx.errors,
         };
@@ -582,8 +640,15 @@ impl Config {
         let mut config = Config::default();
         for (name, settings) in &raw.profiles {
             let n = name.get_ref();
-            if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                ctx.err(Some(name.span()), format!("profile name {n:?} may only use letters, digits, - and _"));
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                ctx.err(
+                    Some(name.span()),
+                    format!("profile name {n:?} may only use letters, digits, - and _"),
+                );
                 continue;
             }
             if let Some(p) = validate(&mut ctx, n, settings.get_ref(), &raw.defaults, name.span()) {
@@ -596,7 +661,13 @@ impl Config {
             if let Listen::Tcp { addrs, port } = &p.listen {
                 for a in addrs {
                     if let Some(other) = seen.insert((*a, *port), p.name.clone()) {
-                        ctx.err(None, format!("profiles {other:?} and {:?} both listen on {a} port {port}", p.name));
+                        ctx.err(
+                            None,
+                            format!(
+                                "profiles {other:?} and {:?} both listen on {a} port {port}",
+                                p.name
+                            ),
+                        );
                     }
                 }
             }
@@ -680,7 +751,10 @@ idle_timeout = 90
         let e = parse(text).unwrap_err();
         let shown = e.to_string();
         assert!(shown.contains("c.toml:2:10: target \"db-1\""), "{shown}");
-        assert!(shown.contains("c.toml:3:15: remote_port must be between 1 and 65535"), "{shown}");
+        assert!(
+            shown.contains("c.toml:3:15: remote_port must be between 1 and 65535"),
+            "{shown}"
+        );
         assert!(shown.contains("c.toml:4:14: local_port"), "{shown}");
         assert!(shown.contains("profile \"b\" needs a target"), "{shown}");
         assert!(shown.contains("profile \"b\" needs local_port"), "{shown}");
@@ -697,7 +771,10 @@ idle_timeout = 90
     fn conflicting_listeners_are_reported() {
         let text = "[profiles.a]\ntarget=\"i-1\"\nremote_port=1\nlocal_port=5432\n[profiles.b]\ntarget=\"i-2\"\nremote_port=1\nlocal_port=5432\n";
         let e = parse(text).unwrap_err();
-        assert!(e.to_string().contains("both listen on 127.0.0.1 port 5432"), "{e}");
+        assert!(
+            e.to_string().contains("both listen on 127.0.0.1 port 5432"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -726,8 +803,16 @@ idle_timeout = 90
     #[test]
     fn ecs_targets_are_checked() {
         let ok = "[profiles.a]\ntarget=\"ecs:c_t_r\"\nremote_port=1\nlocal_port=1\n";
-        assert!(matches!(parse(ok).unwrap().profiles["a"].target, Target::Ecs(_)));
+        assert!(matches!(
+            parse(ok).unwrap().profiles["a"].target,
+            Target::Ecs(_)
+        ));
         let bad = "[profiles.a]\ntarget=\"ecs:c_t\"\nremote_port=1\nlocal_port=1\n";
-        assert!(parse(bad).unwrap_err().to_string().contains("ecs:<cluster>"));
+        assert!(
+            parse(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("ecs:<cluster>")
+        );
     }
 }

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod aws;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod proto;
 pub mod sim;

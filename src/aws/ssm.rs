@@ -81,7 +81,8 @@ pub enum AwsError {
 impl AwsError {
     /// True when retrying later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, AwsError::Throttled(_)) || matches!(self, AwsError::Other { code, .. } if code == "dispatch" || code == "InternalServerError")
+        matches!(self, AwsError::Throttled(_))
+            || matches!(self, AwsError::Other { code, .. } if code == "dispatch" || code == "InternalServerError")
     }
 }
 
@@ -106,7 +107,8 @@ where
                 }
                 "DoesNotExistException" => AwsError::DoesNotExist(message),
                 "ThrottlingException" | "TooManyRequestsException" => AwsError::Throttled(message),
-                "ExpiredTokenException" | "UnrecognizedClientException"
+                "ExpiredTokenException"
+                | "UnrecognizedClientException"
                 | "InvalidSignatureException" => AwsError::Credentials(message),
                 _ => AwsError::Other { code, message },
             }

@@ -58,7 +58,12 @@ impl Daemon {
         let profiles = config
             .profiles
             .into_values()
-            .map(|p| (p.name.clone(), ProfileRuntime::new(p, tunnel_config.clone(), api.clone())))
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    ProfileRuntime::new(p, tunnel_config.clone(), api.clone()),
+                )
+            })
             .collect();
         Arc::new(Daemon {
             config_path: config_path.to_path_buf(),
@@ -74,7 +79,10 @@ impl Daemon {
     }
 
     fn get(&self, name: &str) -> Result<Arc<ProfileRuntime>, ApiError> {
-        self.profiles().get(name).cloned().ok_or_else(|| unknown(name))
+        self.profiles()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown(name))
     }
 
     /// Opens every profile marked `autostart`. Failures are recorded on the profile.
@@ -138,7 +146,8 @@ impl Daemon {
                 Some(rt) => {
                     let was_open = rt.status().state != crate::api::ProfileState::Closed;
                     rt.close().await;
-                    let fresh = ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
+                    let fresh =
+                        ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
                     if was_open || fresh.profile().autostart {
                         reopen.push(fresh.clone());
                     }
@@ -146,7 +155,8 @@ impl Daemon {
                     next.insert(name, fresh);
                 }
                 None => {
-                    let fresh = ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
+                    let fresh =
+                        ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
                     if fresh.profile().autostart {
                         reopen.push(fresh.clone());
                     }
@@ -165,6 +175,9 @@ impl Daemon {
         for rt in reopen {
             if let Err(e) = rt.open(false, None).await {
                 tracing::warn!(profile = %rt.profile().name, error = %e.message, "reopen after reload failed");
+                result
+                    .failed
+                    .push(format!("{}: {}", rt.profile().name, e.message));
             }
         }
         info!(?result, "configuration reloaded");

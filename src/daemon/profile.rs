@@ -51,6 +51,7 @@ pub struct ProfileRuntime {
     tunnel_config: TunnelConfig,
     api: ApiProvider,
     inner: Mutex<Inner>,
+    opening: AsyncMutex<()>,
     connecting: AsyncMutex<()>,
     connections: AtomicUsize,
     total_connections: AtomicU64,
@@ -95,6 +96,7 @@ impl ProfileRuntime {
                 bytes_up_done: 0,
                 bytes_down_done: 0,
             }),
+            opening: AsyncMutex::new(()),
             connecting: AsyncMutex::new(()),
             connections: AtomicUsize::new(0),
             total_connections: AtomicU64::new(0),
@@ -127,8 +129,11 @@ impl ProfileRuntime {
                 });
             }
         };
-        if self.lock().state == ProfileState::Closed {
-            self.start_listeners().await?;
+        {
+            let _opening = self.opening.lock().await;
+            if self.lock().state == ProfileState::Closed {
+                self.start_listeners().await?;
+            }
         }
         report("listening", Some(self.lock().listen_desc.join(" ")));
         if warm {
@@ -160,9 +165,19 @@ impl ProfileRuntime {
                         } else {
                             "listen_failed"
                         };
-                        user_error(code, format!("profile {}: cannot listen on {addr}: {e}", self.profile.name))
+                        user_error(
+                            code,
+                            format!(
+                                "profile {}: cannot listen on {addr}: {e}",
+                                self.profile.name
+                            ),
+                        )
                     })?;
-                    desc.push(listener.local_addr().map_or(addr.to_string(), |a| a.to_string()));
+                    desc.push(
+                        listener
+                            .local_addr()
+                            .map_or(addr.to_string(), |a| a.to_string()),
+                    );
                     let me = self.clone();
                     handles.push(tokio::spawn(async move {
                         loop {
@@ -182,7 +197,14 @@ impl ProfileRuntime {
             }
             Listen::Unix(path) => {
                 let listener = bind_unix(path).map_err(|e| {
-                    user_error("listen_failed", format!("profile {}: cannot listen on {}: {e}", self.profile.name, path.display()))
+                    user_error(
+                        "listen_failed",
+                        format!(
+                            "profile {}: cannot listen on {}: {e}",
+                            self.profile.name,
+                            path.display()
+                        ),
+                    )
                 })?;
                 desc.push(format!("unix:{}", path.display()));
                 let me = self.clone();
@@ -224,8 +246,9 @@ impl ProfileRuntime {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let open = self.connections.load(Ordering::Relaxed);
+        let open = self.connections.fetch_add(1, Ordering::Relaxed);
         if open >= self.profile.max_connections {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
             warn!(profile = %self.profile.name, open, "max_connections reached; refusing a connection");
             self.lock().last_error = Some(format!(
                 "refused a connection: max_connections ({}) reached",
@@ -237,7 +260,6 @@ impl ProfileRuntime {
         let span = info_span!("connection", profile = %self.profile.name, id, peer = %peer);
         tokio::spawn(
             async move {
-                self.connections.fetch_add(1, Ordering::Relaxed);
                 self.lock().last_activity = Instant::now();
                 let result = self.serve_connection(conn).await;
                 self.connections.fetch_sub(1, Ordering::Relaxed);
@@ -303,6 +325,8 @@ impl ProfileRuntime {
                 });
                 inner.state = ProfileState::Ready;
                 inner.last_error = None;
+                // A fresh session starts its idle clock now.
+                inner.last_activity = Instant::now();
                 Ok(tunnel)
             }
             Err(e) => {
@@ -321,7 +345,10 @@ impl ProfileRuntime {
 
     fn start_request(&self, target: String) -> StartRequest {
         let mut parameters = HashMap::new();
-        parameters.insert("portNumber".to_owned(), vec![self.profile.remote_port.to_string()]);
+        parameters.insert(
+            "portNumber".to_owned(),
+            vec![self.profile.remote_port.to_string()],
+        );
         parameters.insert("localPortNumber".to_owned(), vec!["0".to_owned()]);
         if self.profile.document == DOC_REMOTE_HOST
             && let Some(host) = &self.profile.remote_host
@@ -350,7 +377,12 @@ impl ProfileRuntime {
         let ticket = api
             .start_session(&self.start_request(target))
             .await
-            .map_err(|e| user_error("start_session_failed", describe_aws_error(&self.profile, &e)))?;
+            .map_err(|e| {
+                user_error(
+                    "start_session_failed",
+                    describe_aws_error(&self.profile, &e),
+                )
+            })?;
         info!(profile = %self.profile.name, session_id = %ticket.session_id, "session started");
         let session_id = ticket.session_id.clone();
         let resume_api = api.clone();
@@ -406,7 +438,10 @@ impl ProfileRuntime {
     }
 
     fn forget_tunnel_locked(&self, inner: &mut Inner, tunnel: &Arc<Tunnel>) {
-        if inner.live.as_ref().is_some_and(|l| Arc::ptr_eq(&l.tunnel, tunnel))
+        if inner
+            .live
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.tunnel, tunnel))
             && let Some(old) = inner.live.take()
         {
             let s = old.tunnel.stats();
@@ -475,14 +510,10 @@ impl ProfileRuntime {
         let inner = self.lock();
         let live = inner.live.as_ref();
         let stats = live.map(|l| l.tunnel.stats()).unwrap_or_default();
-        let remote = format!(
-            "{}:{}",
-            self.profile
-                .remote_host
-                .clone()
-                .unwrap_or_else(|| format!("{} (itself)", self.profile.target)),
-            self.profile.remote_port
-        );
+        let remote = match &self.profile.remote_host {
+            Some(host) => format!("{host}:{}", self.profile.remote_port),
+            None => format!("port {} of the target", self.profile.remote_port),
+        };
         ProfileStatus {
             name: self.profile.name.clone(),
             state: inner.state,

@@ -425,6 +425,9 @@ impl Channel {
     /// runs until [`Channel::on_reconnect`]. Sequence state and unacknowledged messages
     /// are kept ([P] `streaming.go` fn `Reconnect`).
     pub fn on_disconnect(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
         self.connected = false;
         self.transmit.clear();
     }
@@ -432,6 +435,9 @@ impl Channel {
     /// Tells the channel a new websocket is open (after OpenDataChannel was sent on
     /// it): every unacknowledged message is sent again, in sequence order.
     pub fn on_reconnect(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
         self.connected = true;
         self.set_paused(false);
         self.flush_unacked(now);

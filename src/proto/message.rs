@@ -103,6 +103,11 @@ pub enum DecodeError {
     /// MessageType is not UTF-8.
     #[error("MessageType is not valid UTF-8")]
     MessageTypeNotUtf8,
+    /// MessageType contains a control character (NUL included) once trimmed. [P]
+    /// would keep such a string and ignore the message as an unknown type; refusing it
+    /// keeps every decoded MessageType printable and re-encodable unchanged.
+    #[error("MessageType contains control characters")]
+    MessageTypeControlChars,
     /// MessageType is empty ([P] `Validate`: "MessageType is missing").
     #[error("MessageType is missing")]
     EmptyMessageType,
@@ -210,6 +215,9 @@ impl ClientMessage {
         let type_str = std::str::from_utf8(&raw_type[start..end])
             .map_err(|_| DecodeError::MessageTypeNotUtf8)?
             .trim();
+        if type_str.chars().any(char::is_control) {
+            return Err(DecodeError::MessageTypeControlChars);
+        }
         let message_type = MessageType::parse(type_str);
 
         let mut wire_id = [0u8; 16];
@@ -422,6 +430,14 @@ mod tests {
         let mut b = encoded();
         b[40..48].fill(0);
         assert_eq!(decode(b), Err(DecodeError::ZeroCreatedDate));
+    }
+
+    #[test]
+    fn control_characters_inside_the_message_type_are_refused() {
+        let mut b = encoded();
+        b[4..36].fill(0);
+        b[4..17].copy_from_slice(b" \0acknowledge");
+        assert_eq!(decode(b), Err(DecodeError::MessageTypeControlChars));
     }
 
     #[test]

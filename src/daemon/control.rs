@@ -1,0 +1,752 @@
+//! The control API server: HTTP/1.1 with JSON bodies on a Unix socket, a thin layer
+//! over [`Daemon`]. The protocol is specified in `proto-docs/control-api.md`.
+//!
+//! Wiring it into `bastiond run`:
+//!
+//! ```no_run
+//! # async fn run(daemon: std::sync::Arc<bastion::daemon::Daemon>) -> Result<(), bastion::daemon::control::ControlError> {
+//! use bastion::daemon::control::{SocketAccess, default_socket_path, serve};
+//! let socket = default_socket_path();
+//! let stop = async { let _ = tokio::signal::ctrl_c().await; };
+//! serve(daemon, &socket, SocketAccess::default(), stop).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! [`serve`] binds the socket (refusing to start when another daemon answers on it),
+//! serves until `shutdown` completes, then stops accepting, removes the socket file
+//! and waits up to [`SHUTDOWN_GRACE`] for requests in flight. Callers that want to
+//! know when the socket is ready (tests, readiness notification) use [`bind`] and
+//! [`serve_listener`] instead.
+//!
+//! Every accepted connection's peer credentials (SO_PEERCRED / getpeereid) are checked
+//! against [`PeerPolicy`]; other users' connections are closed before a byte is read.
+
+use std::convert::Infallible;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::Daemon;
+use crate::api::{
+    ApiError, Health, MAX_REQUEST_BYTES, NDJSON_CONTENT_TYPE, OpenEvent, OpenRequest,
+    ProfileStatus, ReloadResult,
+};
+
+/// The system service's socket (`bastiond` as root without `XDG_RUNTIME_DIR`).
+pub const SYSTEM_SOCKET_PATH: &str = "/run/bastion/control.sock";
+
+/// File name of the socket inside its directory.
+pub const SOCKET_FILE_NAME: &str = "control.sock";
+
+/// How long [`serve`] waits for requests in flight after the shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the control server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another daemon answers on the socket.
+    #[error(
+        "another bastiond{} is already serving the control socket {}; stop it first (systemctl --user stop bastiond) or pass a different --socket",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        path.display()
+    )]
+    AlreadyRunning {
+        /// The socket path.
+        path: PathBuf,
+        /// The other daemon's pid, when it answered `/v1/health`.
+        pid: Option<u32>,
+    },
+    /// Something that is not a socket sits at the socket path.
+    #[error("{} exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The socket's directory could be tampered with by other users.
+    #[error("refusing to put the control socket in {}: {reason}", path.display())]
+    InsecureDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A system call failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`create`, `bind`, `set permissions on`, ...).
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ControlError + use<> {
+    let path = path.to_path_buf();
+    move |source| ControlError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The effective uid of this process.
+pub fn current_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// The default socket path for this process (computed; nothing is created):
+/// `$XDG_RUNTIME_DIR/bastion/control.sock` when `XDG_RUNTIME_DIR` is set to an
+/// absolute path; otherwise [`SYSTEM_SOCKET_PATH`] for root, and
+/// `$TMPDIR/bastion-$UID/control.sock` for other users (e.g. macOS, which has no
+/// `XDG_RUNTIME_DIR`).
+pub fn default_socket_path() -> PathBuf {
+    socket_path_for(
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+        current_uid(),
+        &std::env::temp_dir(),
+    )
+}
+
+/// [`default_socket_path`] from explicit inputs.
+pub fn socket_path_for(xdg_runtime_dir: Option<PathBuf>, uid: u32, temp_dir: &Path) -> PathBuf {
+    match xdg_runtime_dir.filter(|d| d.is_absolute()) {
+        Some(dir) => dir.join("bastion").join(SOCKET_FILE_NAME),
+        None if uid == 0 => PathBuf::from(SYSTEM_SOCKET_PATH),
+        None => temp_dir
+            .join(format!("bastion-{uid}"))
+            .join(SOCKET_FILE_NAME),
+    }
+}
+
+/// Permissions of the control socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// File mode of the socket (0600 by default).
+    pub mode: u32,
+    /// A group whose members may also connect: the socket (and a directory the server
+    /// creates) get this group, and peers in it pass the peer check.
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o600,
+            gid: None,
+        }
+    }
+}
+
+impl SocketAccess {
+    /// Mode 0660 with group `gid`.
+    pub fn group(gid: u32) -> Self {
+        SocketAccess {
+            mode: 0o660,
+            gid: Some(gid),
+        }
+    }
+}
+
+/// Who may talk to the daemon: its own uid, root, and (when configured) members of
+/// one group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// The daemon's uid.
+    pub uid: u32,
+    /// The configured group, if any.
+    pub gid: Option<u32>,
+}
+
+impl PeerPolicy {
+    /// The policy for this process with `access`.
+    pub fn for_access(access: &SocketAccess) -> Self {
+        PeerPolicy {
+            uid: current_uid(),
+            gid: access.gid,
+        }
+    }
+
+    /// Whether a peer with this uid, primary gid and supplementary groups may connect.
+    pub fn allows(&self, peer_uid: u32, peer_gid: u32, supplementary: &[u32]) -> bool {
+        if peer_uid == 0 || peer_uid == self.uid {
+            return true;
+        }
+        match self.gid {
+            Some(g) => peer_gid == g || supplementary.contains(&g),
+            None => false,
+        }
+    }
+}
+
+/// The credentials of an accepted control connection (the listener's `Addr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer gid.
+    pub gid: u32,
+    /// Peer pid, where the platform reports it.
+    pub pid: Option<i32>,
+}
+
+/// Supplementary groups of a process (Linux `/proc`; empty elsewhere or on error).
+fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
+    let Some(pid) = pid else { return Vec::new() };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The control socket's listener: an [`axum::serve::Listener`] that closes every
+/// connection whose peer fails [`PeerPolicy`], and removes the socket file when dropped
+/// (if it is still the one it created).
+#[derive(Debug)]
+pub struct ControlListener {
+    inner: UnixListener,
+    policy: PeerPolicy,
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl ControlListener {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The peer policy applied to every connection.
+    pub fn policy(&self) -> PeerPolicy {
+        self.policy
+    }
+
+    fn check(&self, stream: &UnixStream) -> Option<PeerCredentials> {
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot read the peer credentials of a control connection; closing it");
+                return None;
+            }
+        };
+        let peer = PeerCredentials {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        };
+        let supplementary = match self.policy.gid {
+            Some(g) if peer.uid != 0 && peer.uid != self.policy.uid && peer.gid != g => {
+                supplementary_groups(peer.pid)
+            }
+            _ => Vec::new(),
+        };
+        if self.policy.allows(peer.uid, peer.gid, &supplementary) {
+            Some(peer)
+        } else {
+            warn!(
+                peer_uid = peer.uid,
+                peer_gid = peer.gid,
+                peer_pid = ?peer.pid,
+                daemon_uid = self.policy.uid,
+                "refused a control connection from another user"
+            );
+            None
+        }
+    }
+}
+
+impl axum::serve::Listener for ControlListener {
+    type Io = UnixStream;
+    type Addr = PeerCredentials;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, _)) => {
+                    if let Some(peer) = self.check(&stream) {
+                        return (stream, peer);
+                    }
+                    // Dropping the stream closes the connection unanswered.
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accepting a control connection failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(PeerCredentials {
+            uid: self.policy.uid,
+            gid: rustix::process::getegid().as_raw(),
+            pid: i32::try_from(std::process::id()).ok(),
+        })
+    }
+}
+
+impl Drop for ControlListener {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.identity
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn prepare_dir(dir: &Path, access: &SocketAccess) -> Result<(), ControlError> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mode = if access.gid.is_some() { 0o750 } else { 0o700 };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)
+                .map_err(io_err("create", dir))?;
+            // The umask may have narrowed the mode; set it exactly.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(io_err("set permissions on", dir))?;
+            if let Some(gid) = access.gid {
+                std::os::unix::fs::chown(dir, None, Some(gid))
+                    .map_err(io_err("change the group of", dir))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(io_err("inspect", dir)(e)),
+        Ok(m) => {
+            let insecure = |reason: String| ControlError::InsecureDirectory {
+                path: dir.to_path_buf(),
+                reason,
+            };
+            if !m.is_dir() {
+                return Err(insecure("it is not a directory".into()));
+            }
+            let me = current_uid();
+            if m.uid() != me && m.uid() != 0 {
+                return Err(insecure(format!(
+                    "it belongs to uid {}, not to uid {me}",
+                    m.uid()
+                )));
+            }
+            let mode = m.mode();
+            if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+                return Err(insecure(format!(
+                    "anyone may write to it (mode {:o})",
+                    mode & 0o7777
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Binds the control socket at `path` with `access` permissions.
+///
+/// Creates the parent directory (0700, or 0750 with a group) when missing and refuses
+/// a directory other users can tamper with. A socket left by a dead daemon is removed;
+/// when a live daemon answers on it, this fails with [`ControlError::AlreadyRunning`].
+pub async fn bind(path: &Path, access: SocketAccess) -> Result<ControlListener, ControlError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        prepare_dir(dir, &access)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(ControlError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(_) => match UnixStream::connect(path).await {
+            Ok(_) => {
+                let pid = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    crate::ctl::Client::new(path).health(),
+                )
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|h| h.pid);
+                return Err(ControlError::AlreadyRunning {
+                    path: path.to_path_buf(),
+                    pid,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!(socket = %path.display(), "removing a stale control socket");
+                std::fs::remove_file(path).map_err(io_err("remove the stale socket", path))?;
+            }
+            Err(e) => return Err(io_err("probe the existing socket", path)(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("inspect", path)(e)),
+    }
+    let inner = UnixListener::bind(path).map_err(io_err("bind", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode & 0o777))
+        .map_err(io_err("set permissions on", path))?;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(io_err("change the group of", path))?;
+    }
+    let m = std::fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    Ok(ControlListener {
+        inner,
+        policy: PeerPolicy::for_access(&access),
+        path: path.to_path_buf(),
+        identity: (m.dev(), m.ino()),
+    })
+}
+
+/// Binds `socket` (see [`bind`]) and serves the control API for `daemon` until
+/// `shutdown` completes (see [`serve_listener`]).
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    socket: &Path,
+    access: SocketAccess,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControlError> {
+    let listener = bind(socket, access).await?;
+    info!(socket = %socket.display(), mode = format!("{:o}", access.mode), "control API listening");
+    serve_listener(daemon, listener, shutdown).await
+}
+
+/// Serves the control API on an already bound listener until `shutdown` completes;
+/// then stops accepting, removes the socket file and waits up to [`SHUTDOWN_GRACE`]
+/// for requests in flight (a slow `open --warm` stream is cut after that).
+pub async fn serve_listener(
+    daemon: Arc<Daemon>,
+    listener: ControlListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControlError> {
+    let path = listener.path().to_path_buf();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(daemon)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopped_tx.send(());
+    });
+    let grace = async move {
+        if stopped_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            debug!("control API: grace period over; dropping the remaining connections");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = server.into_future() => r.map_err(io_err("serve on", &path)),
+        () = grace => Ok(()),
+    }
+}
+
+/// The control API's routes over `daemon` (also usable with any other listener).
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/profiles", get(list))
+        .route("/v1/profiles/{name}", get(status))
+        .route("/v1/profiles/{name}/open", post(open))
+        .route("/v1/profiles/{name}/close", post(close))
+        .route("/v1/reload", post(reload))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(daemon)
+}
+
+/// The HTTP status the API answers with for an [`ApiError`] code.
+pub fn http_status(code: &str) -> StatusCode {
+    match code {
+        "bad_request" => StatusCode::BAD_REQUEST,
+        "unknown_profile" | "not_found" => StatusCode::NOT_FOUND,
+        "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
+        "port_in_use" => StatusCode::CONFLICT,
+        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "bad_config" => StatusCode::UNPROCESSABLE_ENTITY,
+        "unsupported" => StatusCode::NOT_IMPLEMENTED,
+        "start_session_failed" | "session_failed" => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An error answer.
+struct Failure(ApiError);
+
+fn failure(code: &str, message: impl Into<String>) -> Failure {
+    Failure(ApiError {
+        code: code.to_owned(),
+        message: message.into(),
+    })
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (http_status(&self.0.code), Json(self.0)).into_response()
+    }
+}
+
+type Shared = State<Arc<Daemon>>;
+
+fn profile_name(path: Result<UrlPath<String>, PathRejection>) -> Result<String, Failure> {
+    path.map(|UrlPath(name)| name).map_err(|e| {
+        failure(
+            "bad_request",
+            format!("bad profile name in the path: {}", e.body_text()),
+        )
+    })
+}
+
+/// Parses an optional JSON body: empty means `T::default()`.
+fn json_body<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Failure> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            failure(
+                "payload_too_large",
+                format!("request body larger than {MAX_REQUEST_BYTES} bytes"),
+            )
+        } else {
+            failure(
+                "bad_request",
+                format!("cannot read the request body: {}", e.body_text()),
+            )
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" {
+            return Err(failure(
+                "unsupported_media_type",
+                "request bodies are JSON: send Content-Type: application/json (curl: --json '{...}')",
+            ));
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| failure("bad_request", format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(failure(
+            "bad_request",
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| failure("bad_request", format!("invalid request: {e}")))
+}
+
+#[derive(Default, Deserialize)]
+struct NoFields {}
+
+async fn health() -> Json<Health> {
+    Json(Health {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+    })
+}
+
+async fn list(State(daemon): Shared) -> Json<Vec<ProfileStatus>> {
+    Json(daemon.list())
+}
+
+async fn status(
+    State(daemon): Shared,
+    path: Result<UrlPath<String>, PathRejection>,
+) -> Result<Json<ProfileStatus>, Failure> {
+    let name = profile_name(path)?;
+    Ok(Json(daemon.status(&name)?))
+}
+
+async fn open(
+    State(daemon): Shared,
+    path: Result<UrlPath<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    let name = profile_name(path)?;
+    let request: OpenRequest = json_body(&headers, body)?;
+    // Listener problems (unknown profile, port in use) get their own HTTP status
+    // before any streaming starts.
+    let status = daemon.open(&name, false, None).await?;
+    if !request.warm {
+        return Ok(Json(status).into_response());
+    }
+    Ok(warm_stream(daemon, name))
+}
+
+fn ndjson_line(event: &OpenEvent) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Streams the progress of a warm open as NDJSON. The open runs in its own task: a
+/// client that goes away does not cancel it halfway.
+fn warm_stream(daemon: Arc<Daemon>, name: String) -> Response {
+    let (lines_tx, lines_rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let (progress_tx, mut progress_rx) = mpsc::channel(64);
+        let opening = daemon.open(&name, true, Some(progress_tx));
+        tokio::pin!(opening);
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(p) = progress_rx.recv() => {
+                    // A slow reader loses progress lines, never the final one.
+                    let _ = lines_tx.try_send(ndjson_line(&OpenEvent::Progress(p)));
+                }
+                r = &mut opening => break r,
+            }
+        };
+        while let Ok(p) = progress_rx.try_recv() {
+            let _ = lines_tx.try_send(ndjson_line(&OpenEvent::Progress(p)));
+        }
+        let last = match result {
+            Ok(status) => OpenEvent::Status { status },
+            Err(error) => OpenEvent::Error { error },
+        };
+        let _ = lines_tx.send(ndjson_line(&last)).await;
+    });
+    let stream = futures_util::stream::unfold(lines_rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok::<_, Infallible>(line), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, NDJSON_CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn close(
+    State(daemon): Shared,
+    path: Result<UrlPath<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ProfileStatus>, Failure> {
+    let name = profile_name(path)?;
+    let NoFields {} = json_body(&headers, body)?;
+    Ok(Json(daemon.close(&name).await?))
+}
+
+async fn reload(
+    State(daemon): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReloadResult>, Failure> {
+    let NoFields {} = json_body(&headers, body)?;
+    Ok(Json(daemon.reload().await?))
+}
+
+async fn not_found(uri: axum::http::Uri) -> Failure {
+    failure(
+        "not_found",
+        format!(
+            "no route {}; the API is under /v1 (see proto-docs/control-api.md)",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Failure {
+    failure(
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths() {
+        let tmp = Path::new("/tmp");
+        assert_eq!(
+            socket_path_for(Some("/run/user/1000".into()), 1000, tmp),
+            Path::new("/run/user/1000/bastion/control.sock")
+        );
+        assert_eq!(socket_path_for(None, 0, tmp), Path::new(SYSTEM_SOCKET_PATH));
+        assert_eq!(
+            socket_path_for(Some("relative".into()), 1000, tmp),
+            Path::new("/tmp/bastion-1000/control.sock")
+        );
+        assert_eq!(
+            socket_path_for(Some("/run/user/0".into()), 0, tmp),
+            Path::new("/run/user/0/bastion/control.sock")
+        );
+    }
+
+    /// `bastiond run` spawns the server: its future must be `Send`.
+    #[test]
+    fn serve_future_is_send() {
+        fn is_send<T: Send>(_: &T) {}
+        let daemon = Daemon::new(Path::new("t.toml"), crate::config::Config::default());
+        let socket = PathBuf::from("/nonexistent/control.sock");
+        let fut = async move { serve(daemon, &socket, SocketAccess::default(), async {}).await };
+        is_send(&fut);
+    }
+
+    #[test]
+    fn status_codes() {
+        assert_eq!(http_status("unknown_profile"), StatusCode::NOT_FOUND);
+        assert_eq!(http_status("port_in_use"), StatusCode::CONFLICT);
+        assert_eq!(http_status("session_failed"), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            http_status("anything else"),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+}
