@@ -1,31 +1,60 @@
 //! `bastiond`: the bastion daemon.
 //!
-//! The daemon's listeners, session pool and control API are not built yet (see the
-//! project issues). Today it reports its version and runs the SSM simulator
-//! (`bastiond sim`).
+//! * `bastiond run`: the daemon (profiles, listeners, sessions, control socket).
+//! * `bastiond --check-config`: validate the configuration and exit.
+//! * `bastiond demo`: the daemon against the embedded simulator, with a demo service.
+//! * `bastiond sim`: the SSM simulator alone.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bastion::config::Config;
+use bastion::daemon::Daemon;
+use bastion::daemon::control::{self, SocketAccess};
 use bastion::sim::{Faults, SimConfig, Simulator, TargetPolicy};
 use clap::{Args, Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Parser)]
 #[command(name = "bastiond", version, about = "The bastion daemon")]
 struct Cli {
+    /// Validate the configuration (every error with file:line:column) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Configuration file (default: $XDG_CONFIG_HOME/bastion/config.toml).
+    #[arg(long, global = true, env = "BASTION_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon until SIGTERM/SIGINT; SIGHUP reloads the configuration.
+    Run(RunArgs),
+    /// Run the daemon against the embedded SSM simulator, with a demo service behind a
+    /// demo profile, and print commands to try.
+    Demo,
     /// Run the SSM simulator (service API, data channel and agent) until killed.
     ///
     /// Prints exactly one line, `listening http://127.0.0.1:PORT`, on stdout once ready;
     /// logs go to stderr (RUST_LOG, default info).
     Sim(SimArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Control socket (default: $XDG_RUNTIME_DIR/bastion/control.sock, or
+    /// $RUNTIME_DIRECTORY/control.sock under systemd).
+    #[arg(long, env = "BASTION_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Seconds open connections may take to finish on SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    grace_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -197,13 +226,286 @@ fn run_sim(args: SimArgs) -> ExitCode {
     })
 }
 
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("bastiond: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn config_path(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
+    explicit
+        .or_else(bastion::config::default_path)
+        .ok_or_else(|| {
+            "no configuration path: set --config, BASTION_CONFIG, XDG_CONFIG_HOME or HOME"
+                .to_owned()
+        })
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
+fn check_config(path: Option<PathBuf>) -> ExitCode {
+    let path = match config_path(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("bastiond: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match load_config(&path) {
+        Ok(c) => {
+            println!("{}: ok ({} profiles)", path.display(), c.profiles.len());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn socket_path(explicit: Option<PathBuf>) -> PathBuf {
+    explicit
+        .or_else(|| {
+            std::env::var_os("RUNTIME_DIRECTORY")
+                .map(|d| PathBuf::from(d).join(control::SOCKET_FILE_NAME))
+        })
+        .unwrap_or_else(control::default_socket_path)
+}
+
+/// Resolves on SIGTERM or SIGINT; calls `on_hup` on every SIGHUP.
+async fn serve_signals(daemon: Arc<Daemon>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => {
+                match daemon.reload().await {
+                    Ok(r) => tracing::info!(?r, "reloaded on SIGHUP"),
+                    Err(e) => tracing::error!(error = %e.message, "reload on SIGHUP failed"),
+                }
+            }
+        }
+    }
+}
+
+fn run_daemon(config: Option<PathBuf>, args: RunArgs) -> ExitCode {
+    init_logging();
+    let path = match config_path(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("bastiond: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let socket = socket_path(args.socket);
+    rt.block_on(async move {
+        let daemon = Daemon::new(&path, config);
+        let listener = match control::bind(&socket, SocketAccess::default()).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bastiond: control socket {}: {e}", socket.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(socket = %socket.display(), config = %path.display(), "bastiond ready");
+        daemon.autostart().await;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(control::serve_listener(
+            daemon.clone(),
+            listener,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        serve_signals(daemon.clone()).await;
+        tracing::info!("shutting down");
+        daemon.shutdown(Duration::from_secs(args.grace_secs)).await;
+        let _ = stop_tx.send(());
+        let _ = server.await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// A tiny HTTP service the demo profile tunnels to.
+async fn demo_service() -> std::io::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let body = "Hello from the far side of Session Manager: this reply crossed the \
+                            bastion daemon, a websocket data channel and the agent.\n";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn free_local_port(preferred: u16) -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", preferred))
+        .or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(preferred)
+}
+
+fn run_demo() -> ExitCode {
+    init_logging();
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let sim = match Simulator::bind(SimConfig::default()).await {
+            Ok(s) => s.spawn(),
+            Err(e) => {
+                eprintln!("bastiond demo: cannot start the simulator: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let service_port = match demo_service().await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("bastiond demo: cannot start the demo service: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("bastion-demo-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("bastiond demo: {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        let local_port = free_local_port(18080);
+        let config = format!(
+            "# bastion demo: the simulator plays AWS; 127.0.0.1:{service_port} plays the database.\n\
+             [profiles.demo]\n\
+             target = \"i-0123456789abcdef0\"\n\
+             remote_host = \"127.0.0.1\"\n\
+             remote_port = {service_port}\n\
+             local_port = {local_port}\n\
+             bind = [\"127.0.0.1\"]\n\
+             autostart = true\n"
+        );
+        let config_file = dir.join("config.toml");
+        let socket = dir.join("control.sock");
+        if let Err(e) = std::fs::write(&config_file, config) {
+            eprintln!("bastiond demo: {}: {e}", config_file.display());
+            return ExitCode::FAILURE;
+        }
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("bastiond"));
+        // The daemon reaches the simulator exactly as it reaches AWS: through the
+        // standard endpoint setting, with (dummy) credentials from the environment.
+        let mut child = match tokio::process::Command::new(&exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_file)
+            .arg("--socket")
+            .arg(&socket)
+            .env("AWS_ENDPOINT_URL_SSM", sim.endpoint_url())
+            .env("AWS_ACCESS_KEY_ID", "AKIDDEMO")
+            .env("AWS_SECRET_ACCESS_KEY", "demo-secret")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("bastiond demo: cannot start {}: {e}", exe.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        // Wait for the daemon's listener, then send one request through the tunnel.
+        let mut reply = String::new();
+        for _ in 0..200 {
+            if let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await {
+                let _ = conn.write_all(b"GET / HTTP/1.1\r\nhost: demo\r\n\r\n").await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut reply)).await;
+                if !reply.is_empty() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let first_body_line = reply.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
+        let ctl = exe.with_file_name("bastionctl");
+        println!();
+        if first_body_line.is_empty() {
+            println!("The demo tunnel did not answer; see the log above.");
+        } else {
+            println!("Tunnel works. The demo service answered through Session Manager:");
+            println!("  {first_body_line}");
+        }
+        println!();
+        println!("Try it yourself (Ctrl-C here stops the demo):");
+        println!("  curl http://127.0.0.1:{local_port}/");
+        println!("  {} --socket {} status", ctl.display(), socket.display());
+        println!("  {} --socket {} close demo", ctl.display(), socket.display());
+        println!("  {} --socket {} open demo --warm", ctl.display(), socket.display());
+        println!("  curl -s {}/sim/sessions   # what the simulated AWS side saw", sim.endpoint_url());
+        println!();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = child.wait() => {
+                eprintln!("bastiond demo: the daemon exited");
+            }
+        }
+        if let Some(pid) = child.id() {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+        sim.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        if first_body_line.is_empty() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.check_config {
+        return check_config(cli.config);
+    }
     match cli.command {
+        Some(Command::Run(args)) => run_daemon(cli.config, args),
+        Some(Command::Demo) => run_demo(),
         Some(Command::Sim(args)) => run_sim(args),
         None => {
             eprintln!(
-                "bastiond {}: the daemon is not implemented yet; use --version or `bastiond sim`",
+                "bastiond {}: choose a command: run, demo, sim (or --check-config); see --help",
                 env!("CARGO_PKG_VERSION")
             );
             ExitCode::from(2)
