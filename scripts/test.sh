@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 packages=()
 command -v go >/dev/null 2>&1 || packages+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/xtaci/smux ] || packages+=(golang-github-xtaci-smux-dev)
+# A real PostgreSQL server and psql: the end-to-end tests tunnel queries to it.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
+command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -209,7 +210,9 @@ impl Tunnel {
                 ticket: ticket.clone(),
                 config,
                 resumer,
-                socket: Some(socket),
+                reader: None,
+                writer: None,
+                outbox: None,
                 session,
                 smux,
                 streams: HashMap::new(),
@@ -225,6 +228,8 @@ impl Tunnel {
                 counters: TunnelStats::default(),
                 last_traffic: Instant::now(),
             };
+            let mut driver = driver;
+            driver.attach_socket(socket);
             tokio::spawn(
                 async move {
                     let why = driver.run().await;
@@ -366,6 +371,23 @@ async fn handshake(
     }
 }
 
+/// Writes frames to the websocket, flushing when the queue runs dry. Ends when the
+/// driver drops its sender (then closes the socket) or on a write error.
+async fn write_pump(
+    mut sink: SplitSink<DataChannelSocket, Message>,
+    mut rx: mpsc::Receiver<Message>,
+) {
+    while let Some(m) = rx.recv().await {
+        if sink.feed(m).await.is_err() {
+            return;
+        }
+        if rx.is_empty() && sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
 fn log_frame_error(r: Result<(), crate::proto::channel::FrameError>) {
     if let Err(e) = r {
         warn!(error = %e, "dropped a malformed frame");
@@ -407,7 +429,12 @@ struct Driver {
     ticket: SessionTicket,
     config: TunnelConfig,
     resumer: Option<Resumer>,
-    socket: Option<DataChannelSocket>,
+    /// The read half of the current websocket.
+    reader: Option<SplitStream<DataChannelSocket>>,
+    /// Feeds the current websocket's writer task.
+    writer: Option<mpsc::Sender<Message>>,
+    /// A frame the writer had no room for yet.
+    outbox: Option<Message>,
     session: ClientSession,
     smux: Option<smux::Session>,
     streams: HashMap<Key, Slot>,
@@ -426,8 +453,10 @@ struct Driver {
 
 /// Bytes of smux output allowed to wait for the channel window before user reads pause.
 const MAX_PENDING_UPLOAD: usize = 256 * 1024;
-/// Bytes received in basic mode allowed to wait for the connection before acks stop.
+/// Bytes received in basic mode allowed to wait for the connection before reads pause.
 const MAX_PENDING_DOWNLOAD: usize = 256 * 1024;
+/// Frames queued for a websocket's writer task.
+const WRITER_QUEUE: usize = 256;
 /// Chunk size moved from smux to a connection's writer task.
 const DELIVERY_CHUNK: usize = 16 * 1024;
 
@@ -444,7 +473,7 @@ impl Driver {
             if let Some(why) = self.check_end() {
                 return why;
             }
-            if let Err(e) = self.flush().await {
+            if let Err(e) = self.push_frames() {
                 if let Some(why) = self.reconnect(e).await {
                     return why;
                 }
@@ -462,12 +491,27 @@ impl Driver {
                 None => self.queues.up_bytes,
             };
             let upload_room = pending_upload < MAX_PENDING_UPLOAD;
+            // Receive backpressure the way the references get it: while the
+            // connections' buffers are full, stop reading the websocket (their writes
+            // block their websocket reader). Refusing messages instead would leave the
+            // agent to resend them one per 100 ms tick.
+            let download_room = self.download_room();
+            if !download_room {
+                self.last_traffic = Instant::now();
+            }
             let capacity = self.capacity.clone();
-            let Some(socket) = self.socket.as_mut() else {
+            let (Some(reader), Some(writer)) = (self.reader.as_mut(), self.writer.clone()) else {
                 return "no websocket".into();
             };
+            let blocked_write = self.outbox.is_some();
             tokio::select! {
-                msg = socket.next() => match msg {
+                permit = writer.reserve(), if blocked_write => match (permit, self.outbox.take()) {
+                    (Ok(permit), Some(m)) => permit.send(m),
+                    _ => {
+                        if let Some(why) = self.reconnect("websocket writer stopped".into()).await { return why; }
+                    }
+                },
+                msg = reader.next(), if download_room => match msg {
                     Some(Ok(Message::Binary(b))) => {
                         self.last_traffic = Instant::now();
                         log_frame_error(self.session.handle_frame(b, Instant::now()));
@@ -492,13 +536,13 @@ impl Driver {
                     Some(Command::Open(reply)) => self.open(reply),
                     Some(Command::Terminate(done)) => {
                         self.session.terminate(Instant::now());
-                        let _ = self.flush().await;
+                        self.drain_frames().await;
                         let _ = done.send(());
                         return "terminated by the user".into();
                     }
                     None => {
                         self.session.terminate(Instant::now());
-                        let _ = self.flush().await;
+                        self.drain_frames().await;
                         return "tunnel dropped".into();
                     }
                 },
@@ -512,21 +556,74 @@ impl Driver {
                     if let Some(s) = self.smux.as_mut() { s.handle_timeout(now); }
                 }
                 _ = ping.tick() => {
+                    debug!(
+                        download_room,
+                        upload_room,
+                        smux_buffered = self.smux.as_ref().map(smux::Session::buffered_total),
+                        smux_pending = self.smux.as_ref().map(smux::Session::pending_transmit),
+                        in_flight = self.session.channel().in_flight_messages(),
+                        expected = self.session.channel().expected_sequence_number(),
+                        streams = self.streams.len(),
+                        "data channel state"
+                    );
                     if self.last_traffic.elapsed() > 2 * self.config.ping_interval {
                         if let Some(why) = self.reconnect("no traffic on the websocket".into()).await { return why; }
-                    } else if let Some(socket) = self.socket.as_mut() {
-                        let _ = socket.send(Message::Ping(Bytes::from_static(b"keepalive"))).await;
+                    } else if let Some(w) = &self.writer {
+                        let _ = w.try_send(Message::Ping(Bytes::from_static(b"keepalive")));
                     }
                 }
             }
         }
     }
 
-    async fn flush(&mut self) -> Result<(), String> {
-        match self.socket.as_mut() {
-            Some(socket) => flush(socket, &mut self.session).await,
-            None => Err("no websocket".into()),
+    /// Splits a new websocket: this task reads, a writer task writes, so that a full
+    /// send buffer never stops us from reading (both peers blocked in writes would
+    /// deadlock).
+    fn attach_socket(&mut self, socket: DataChannelSocket) {
+        let (sink, stream) = socket.split();
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        tokio::spawn(write_pump(sink, rx).in_current_span());
+        self.reader = Some(stream);
+        self.writer = Some(tx);
+        self.outbox = None;
+    }
+
+    /// Hands queued frames to the writer task without waiting; what does not fit stays
+    /// in the session's queue (and one frame in `outbox`).
+    fn push_frames(&mut self) -> Result<(), String> {
+        let Some(writer) = &self.writer else {
+            return Err("no websocket".into());
+        };
+        while self.outbox.is_none() {
+            let Some(frame) = self.session.poll_transmit() else {
+                break;
+            };
+            match writer.try_send(Message::Binary(frame)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(m)) => self.outbox = Some(m),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err("websocket writer stopped".into());
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Sends everything queued, waiting for the writer (used on the way out).
+    async fn drain_frames(&mut self) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let queued = self.outbox.take().into_iter();
+        let rest: Vec<Message> = std::iter::from_fn(|| self.session.poll_transmit())
+            .map(Message::Binary)
+            .collect();
+        for m in queued.chain(rest) {
+            if writer.send(m).await.is_err() {
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer.closed()).await;
     }
 
     /// Resumes the session after the websocket failed; `Some(reason)` ends the tunnel.
@@ -534,9 +631,9 @@ impl Driver {
         warn!(reason = %why, "data channel websocket lost");
         self.counters.last_error = Some(why.clone());
         self.session.on_disconnect();
-        if let Some(mut s) = self.socket.take() {
-            let _ = s.close(None).await;
-        }
+        self.reader = None;
+        self.writer = None;
+        self.outbox = None;
         let resumer = self.resumer.clone()?;
         let mut attempt: u32 = 0;
         loop {
@@ -569,7 +666,7 @@ impl Driver {
                     if socket.send(Message::text(open)).await.is_err() {
                         continue;
                     }
-                    self.socket = Some(socket);
+                    self.attach_socket(socket);
                     self.last_traffic = Instant::now();
                     self.session.on_reconnect(Instant::now());
                     self.counters.resumes += 1;
@@ -830,12 +927,19 @@ impl Driver {
         self.counters.open_streams = self.streams.len();
     }
 
+    /// True while received data has somewhere to go.
+    fn download_room(&self) -> bool {
+        match &self.smux {
+            Some(smux) => smux.wants_input(),
+            None => self.queues.down_bytes < MAX_PENDING_DOWNLOAD,
+        }
+    }
+
+    /// In basic mode with no connection open, output is refused unacknowledged, as [P]
+    /// drops it until a local client connects (`portsession.go` fn `Initialize`,
+    /// `IsStreamNotSet`); the agent sends it again later.
     fn update_receive_ready(&mut self) {
-        let ready = match (&self.smux, self.basic) {
-            (Some(smux), _) => smux.wants_input(),
-            (None, Some(_)) => self.queues.down_bytes < MAX_PENDING_DOWNLOAD,
-            (None, None) => false,
-        };
+        let ready = self.smux.is_some() || self.basic.is_some();
         self.session.set_receive_ready(ready);
     }
 

@@ -1,0 +1,373 @@
+//! The whole product over real sockets: a real PostgreSQL server, the simulator standing
+//! in for AWS (reached through `AWS_ENDPOINT_URL_SSM`), the real `bastiond run` process
+//! and real clients (psql, tokio-postgres, bastionctl).
+
+mod e2e_util;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bastion::sim::{SimConfig, SimHandle, Simulator};
+use e2e_util::{DaemonProcess, PgServer, free_port};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn sim(config: SimConfig) -> SimHandle {
+    Simulator::bind(config).await.expect("sim bind").spawn()
+}
+
+fn profile(name: &str, remote_port: u16, local_port: u16) -> String {
+    format!(
+        "[profiles.{name}]\ntarget = \"i-0123456789abcdef0\"\nremote_host = \"127.0.0.1\"\n\
+         remote_port = {remote_port}\nlocal_port = {local_port}\nbind = [\"127.0.0.1\"]\nautostart = true\n"
+    )
+}
+
+/// Waits until the daemon listens on `port`.
+fn wait_listening(port: u16, d: &DaemonProcess) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "daemon never listened on {port}; log:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_no_violations(sim: &SimHandle) {
+    for s in sim.sessions() {
+        assert!(
+            s.violations.is_empty(),
+            "session {} violations: {:?}",
+            s.session_id,
+            s.violations
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psql_and_a_rust_client_get_rows_through_the_tunnel() {
+    let pg = PgServer::start();
+    let sim = sim(SimConfig::default()).await;
+    let local = free_port();
+    let d = DaemonProcess::start(&profile("pg", pg.port, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+
+    let out = tokio::task::spawn_blocking(move || PgServer::psql(local, "select 40 + 2"))
+        .await
+        .unwrap();
+    assert_eq!(out, "42");
+
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={local} user=postgres dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("tokio-postgres connects through the tunnel");
+    tokio::spawn(conn);
+    let rows = client
+        .query("select g, md5(g::text) from generate_series(1, 500) g", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 500);
+    let last: String = rows[499].get(1);
+    assert_eq!(last, md5_hex(b"500"));
+
+    let (code, out, _) = d.ctl(&["--json", "status", "pg"]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "ready");
+    assert_eq!(status["mode"], "mux");
+    assert!(status["bytes_down"].as_u64().unwrap() > 10_000, "{status}");
+    assert_no_violations(&sim);
+}
+
+/// MD5 computed independently of PostgreSQL, with coreutils' md5sum.
+fn md5_hex(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let hex = String::from_utf8_lossy(&out.stdout);
+    hex.split_whitespace().next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_psql_connections_on_one_profile() {
+    let pg = PgServer::start();
+    let sim = sim(SimConfig::default()).await;
+    let local = free_port();
+    let d = DaemonProcess::start(&profile("pg", pg.port, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            std::thread::spawn(move || {
+                PgServer::psql(
+                    local,
+                    &format!("select {i} + sum(g) from generate_series(1, 1000) g"),
+                )
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), (500_500 + i).to_string());
+    }
+    let sessions = sim.sessions();
+    assert_eq!(sessions.len(), 1, "all connections share one session");
+    assert!(sessions[0].counters.streams_opened >= 50);
+    assert_no_violations(&sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_of_64_mib_in_and_out_keeps_every_byte() {
+    let pg = PgServer::start();
+    // Agent pacing off: this measures correctness of bulk transfer, not the agent's cap.
+    let sim = sim(SimConfig {
+        agent_pacing: Duration::ZERO,
+        ..SimConfig::default()
+    })
+    .await;
+    let local = free_port();
+    let d = DaemonProcess::start(&profile("pg", pg.port, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={local} user=postgres dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("create table blob (line text)")
+        .await
+        .unwrap();
+
+    // 64 MiB of pseudo-random hex lines.
+    let mut data = Vec::with_capacity(64 << 20);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    while data.len() < 64 << 20 {
+        for _ in 0..31 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(format!("{x:016x}").as_bytes());
+        }
+        data.push(b'\n');
+    }
+    let sent = Sha256::digest(&data);
+
+    let sink = client.copy_in("copy blob from stdin").await.unwrap();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    for chunk in data.chunks(256 * 1024) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
+    }
+    let rows = sink.finish().await.unwrap();
+    assert_eq!(rows as usize, data.iter().filter(|&&b| b == b'\n').count());
+
+    use futures_util::StreamExt;
+    let stream = client.copy_out("copy blob to stdout").await.unwrap();
+    futures_util::pin_mut!(stream);
+    let mut back = Sha256::new();
+    let mut n = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        n += chunk.len();
+        back.update(&chunk);
+    }
+    assert_eq!(n, data.len());
+    assert_eq!(back.finalize(), sent, "COPY out differs from COPY in");
+    assert_no_violations(&sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_profiles_at_once_and_basic_mode() {
+    let pg = PgServer::start();
+    // An old agent (basic mode: one connection per session at a time).
+    let basic_sim = sim(SimConfig {
+        agent_version: "3.0.196.0".into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let ports = [free_port(), free_port(), free_port()];
+    let config = format!(
+        "{}{}{}",
+        profile("a", pg.port, ports[0]),
+        profile("b", pg.port, ports[1]),
+        profile("c", pg.port, ports[2])
+    );
+    let d = DaemonProcess::start(&config, &basic_sim.endpoint_url());
+    for p in ports {
+        wait_listening(p, &d);
+    }
+    let handles: Vec<_> = ports
+        .iter()
+        .map(|&p| std::thread::spawn(move || PgServer::psql(p, &format!("select {p}"))))
+        .collect();
+    for (h, p) in handles.into_iter().zip(ports) {
+        assert_eq!(h.join().unwrap(), p.to_string());
+    }
+    // Sequential connections on one basic-mode profile reuse its session.
+    for i in 0..3 {
+        assert_eq!(
+            PgServer::psql(ports[0], &format!("select {i}")),
+            i.to_string()
+        );
+    }
+    let (code, out, _) = d.ctl(&["--json", "list"]);
+    assert_eq!(code, 0);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let modes: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["mode"].clone())
+        .collect();
+    assert!(modes.iter().all(|m| m == "basic"), "{list}");
+    assert_no_violations(&basic_sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_remote_port_closes_the_client_and_the_daemon_stays_up() {
+    let sim = sim(SimConfig::default()).await;
+    let local = free_port();
+    let dead = free_port(); // nothing listens there
+    let d = DaemonProcess::start(&profile("dead", dead, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+    let started = Instant::now();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    let _ = conn.write_all(b"hello").await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("the client connection is closed promptly")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "EOF, not data");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The reason reaches bastionctl.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, out, _) = d.ctl(&["--json", "status", "dead"]);
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not connect"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no error shown: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the daemon still serves.
+    let (code, _, _) = d.ctl(&["list"]);
+    assert_eq!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn target_not_connected_and_unknown_profile_reach_the_user() {
+    let sim = sim(SimConfig {
+        targets: bastion::sim::TargetPolicy::Only(vec!["i-0aaaaaaaaaaaaaaaa".into()]),
+        ..SimConfig::default()
+    })
+    .await;
+    let local = free_port();
+    let d = DaemonProcess::start(
+        &profile("pg", 5432, local).replace("autostart = true\n", ""),
+        &sim.endpoint_url(),
+    );
+    let (code, _, err) = d.ctl(&["open", "pg", "--warm"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not connected to Session Manager"), "{err}");
+    let (code, _, err) = d.ctl(&["open", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no profile named \"nope\""), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_terminates_sessions_and_exits_zero_and_no_token_is_logged() {
+    let pg = PgServer::start();
+    let sim = sim(SimConfig::default()).await;
+    let local = free_port();
+    let mut d = DaemonProcess::start(&profile("pg", pg.port, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+    assert_eq!(PgServer::psql(local, "select 1"), "1");
+    let status = d.terminate();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        d.log_text()
+    );
+    let sessions = sim.sessions();
+    assert_eq!(sessions.len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.sessions()[0].status != "Terminated" {
+        assert!(
+            Instant::now() < deadline,
+            "session not terminated: {:?}",
+            sim.sessions()[0].status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = d.log_text();
+    assert!(
+        log.contains("session started"),
+        "the log was captured at debug level"
+    );
+    assert!(!log.contains("TokenValue"), "a token reached the log");
+    assert!(
+        !log.contains("MessageSchemaVersion"),
+        "the OpenDataChannel message reached the log"
+    );
+}
+
+#[test]
+fn check_config_reports_file_line_and_column() {
+    let dir = std::env::temp_dir().join(format!("bastion-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[profiles.a]\ntarget = \"i-0123456789abcdef0\"\nremote_port = 99999\nlocal_port = 1\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bastiond"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:3:15: remote_port must be between 1 and 65535"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_port_already_taken_is_a_clear_error() {
+    let sim = sim(SimConfig::default()).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let d = DaemonProcess::start(
+        &profile("pg", 5432, port).replace("autostart = true\n", ""),
+        &sim.endpoint_url(),
+    );
+    let (code, _, err) = d.ctl(&["open", "pg"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    let (code, _, _) = d.ctl(&["status"]);
+    assert_eq!(code, 0, "the daemon keeps serving");
+}
