@@ -477,15 +477,13 @@ fn run_demo() -> ExitCode {
         println!("  curl -s {}/sim/sessions   # what the simulated AWS side saw", sim.endpoint_url());
         println!();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = shutdown_signal() => {}
             _ = child.wait() => {
                 eprintln!("bastiond demo: the daemon exited");
             }
         }
-        if let Some(pid) = child.id() {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
+        if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
         sim.shutdown().await;

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,15 +17,16 @@ pub fn free_port() -> u16 {
 }
 
 fn pg_bin(name: &str) -> PathBuf {
-    for dir in [
-        "/usr/lib/postgresql/15/bin",
-        "/usr/lib/postgresql/16/bin",
-        "/usr/lib/postgresql/17/bin",
-    ] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
+    // Debian installs each major version under /usr/lib/postgresql/<major>/bin.
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    if let Some(p) = dirs.iter().rev().map(|d| d.join(name)).find(|p| p.exists()) {
+        return p;
     }
     panic!(
         "PostgreSQL server binary {name} not found: run ./scripts/test.sh (it installs postgresql), \
