@@ -12,12 +12,33 @@ command -v go >/dev/null 2>&1 || packages+=(golang-go)
 # A real PostgreSQL server and psql: the end-to-end tests tunnel queries to it.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
 command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
+# moto_server (PyPI) in a venv: the EC2 endpoint of tests/sim_ec2.rs. Debian's python3
+# needs python3-venv for `python3 -m venv`.
+venv="${BASTION_TEST_VENV:-target/test-venv}"
+if [ ! -x "$venv/bin/moto_server" ]; then
+  command -v python3 >/dev/null 2>&1 || packages+=(python3)
+  python3 -m venv --help >/dev/null 2>&1 || packages+=(python3-venv)
+fi
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing test dependencies: ${packages[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}"
+fi
+
+if [ ! -x "$venv/bin/moto_server" ]; then
+  echo "installing moto[server] into $venv"
+  if ! python3 -m venv "$venv"; then
+    # Debian: `venv --help` works without python3-venv, but creating one needs ensurepip.
+    rm -rf "$venv"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q 'moto[server]'
 fi
 
 # --- checks ---------------------------------------------------------------------------

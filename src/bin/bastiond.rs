@@ -15,7 +15,7 @@ use std::time::Duration;
 use bastion::config::Config;
 use bastion::daemon::Daemon;
 use bastion::daemon::control::{self, SocketAccess};
-use bastion::sim::{Faults, SimConfig, Simulator, TargetPolicy};
+use bastion::sim::{Ec2Targets, Faults, SimConfig, Simulator, TargetPolicy};
 use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -78,6 +78,14 @@ struct SimArgs {
     /// Accept only these targets (comma-separated); default: any i-/mi- id or ecs: target.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
+    /// Consult this EC2 Query endpoint (e.g. moto_server, `http://127.0.0.1:5000`): an
+    /// `i-` target is Online only while running there and past --boot-delay-secs.
+    #[arg(long)]
+    ec2_endpoint: Option<String>,
+    /// With --ec2-endpoint: seconds after an instance's launchTime before its agent is
+    /// Online.
+    #[arg(long, default_value_t = 0, requires = "ec2_endpoint")]
+    boot_delay_secs: u64,
     /// Idle timeout in seconds (0: none).
     #[arg(long, default_value_t = 20 * 60)]
     idle_timeout_secs: u64,
@@ -126,6 +134,10 @@ impl SimArgs {
             } else {
                 TargetPolicy::Only(self.targets.clone())
             },
+            ec2: self.ec2_endpoint.as_ref().map(|e| Ec2Targets {
+                endpoint: e.trim_end_matches('/').to_owned(),
+                boot_delay: Duration::from_secs(self.boot_delay_secs),
+            }),
             idle_timeout: nonzero_secs(self.idle_timeout_secs),
             max_session_duration: nonzero_secs(self.max_session_secs),
             ws_recycle: match self.ws_recycle_ms {

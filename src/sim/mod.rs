@@ -33,6 +33,7 @@ pub mod report;
 
 pub mod clock;
 pub mod dataplane;
+pub mod ec2;
 pub mod faults;
 pub mod introspect;
 pub mod service;
@@ -49,6 +50,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use ec2::Ec2Targets;
 pub use faults::{DirectionFaults, Faults};
 pub use report::{Counters, SessionReport, Violation, ViolationKind};
 pub use session::SessionSnapshot;
@@ -113,6 +115,10 @@ pub struct SimConfig {
     pub agent_handshake_delay: Duration,
     /// Accepted targets. Default [`TargetPolicy::AnyValid`].
     pub targets: TargetPolicy,
+    /// Consult this EC2 endpoint for `i-` targets: such a target (also accepted by
+    /// `targets`) is Online only while it is `running` there and `boot_delay` has passed
+    /// since its `launchTime`. Default `None` (every accepted target is Online at once).
+    pub ec2: Option<Ec2Targets>,
     /// Terminate a session after this long without stream data either way. Default 20
     /// min (the service default); `None` never.
     pub idle_timeout: Option<Duration>,
@@ -140,6 +146,7 @@ impl Default for SimConfig {
             agent_pacing: Duration::from_millis(1),
             agent_handshake_delay: Duration::ZERO,
             targets: TargetPolicy::AnyValid,
+            ec2: None,
             idle_timeout: Some(Duration::from_secs(20 * 60)),
             max_session_duration: None,
             ws_recycle: Some(Duration::from_secs(60 * 60)),
@@ -159,6 +166,8 @@ pub(crate) struct Shared {
     pub faults: Mutex<Faults>,
     pub targets: Mutex<TargetPolicy>,
     pub sessions: Mutex<Vec<Arc<SimSession>>>,
+    /// EC2 instances once reported Online (later reported ConnectionLost when not).
+    pub seen_online: Mutex<std::collections::BTreeSet<String>>,
     pub next_ordinal: AtomicU64,
     pub next_conn_id: AtomicU64,
     pub shutting_down: AtomicBool,
@@ -183,6 +192,10 @@ impl Shared {
 
     pub fn sessions(&self) -> MutexGuard<'_, Vec<Arc<SimSession>>> {
         relock(&self.sessions)
+    }
+
+    pub fn seen_online(&self) -> MutexGuard<'_, std::collections::BTreeSet<String>> {
+        relock(&self.seen_online)
     }
 
     pub fn session(&self, id: &str) -> Option<Arc<SimSession>> {
@@ -215,6 +228,7 @@ impl Simulator {
             config,
             local_addr,
             sessions: Mutex::new(Vec::new()),
+            seen_online: Mutex::new(std::collections::BTreeSet::new()),
             next_ordinal: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),

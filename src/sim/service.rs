@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::clock::{epoch_seconds, parse_iso8601, unix_ms};
+use super::ec2::Ec2Instance;
 use super::session::SimSession;
 use super::{Shared, TargetPolicy, dataplane, is_instance_id};
 use crate::proto::version::agent_version_compare;
@@ -143,12 +144,24 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         .unwrap_or("");
     let op = target.strip_prefix("AmazonSSM.").unwrap_or("");
     let result = match op {
-        "StartSession" => start_session(&shared, &headers, &body),
+        "StartSession" => {
+            let online = ec2_gate(&shared, &body).await;
+            start_session(&shared, &headers, &body, online)
+        }
         "ResumeSession" => resume_session(&shared, &headers, &body),
         "TerminateSession" => terminate_session(&shared, &body),
         "DescribeSessions" => describe_sessions(&shared, &body),
-        "DescribeInstanceInformation" => describe_instance_information(&shared, &body),
-        "GetConnectionStatus" => get_connection_status(&shared, &body),
+        "DescribeInstanceInformation" => {
+            let ec2 = match &shared.config.ec2 {
+                Some(e) => Some(e.all().await),
+                None => None,
+            };
+            describe_instance_information(&shared, &body, ec2.as_deref())
+        }
+        "GetConnectionStatus" => {
+            let online = ec2_gate(&shared, &body).await;
+            get_connection_status(&shared, &body, online)
+        }
         _ => Err(ApiError::new(
             "UnknownOperationException",
             format!("the simulator does not implement operation {target:?}"),
@@ -335,7 +348,34 @@ fn injected_start_failure(shared: &Shared, target: &str) -> Option<ApiError> {
     Some(ApiError::new(&code, message))
 }
 
-fn start_session(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+/// With [`super::SimConfig::ec2`], whether the request's `Target` (an `i-` id) is
+/// running in EC2 and past its boot delay; true for other targets or without EC2.
+async fn ec2_gate(shared: &Shared, body: &[u8]) -> bool {
+    let Some(ec2) = &shared.config.ec2 else {
+        return true;
+    };
+    let Ok(TargetRequest {
+        target: Some(target),
+    }) = serde_json::from_slice::<TargetRequest>(body)
+    else {
+        return true;
+    };
+    if !(target.starts_with("i-") && is_instance_id(&target)) {
+        return true;
+    }
+    let online = ec2.is_online(&target).await;
+    if online {
+        shared.seen_online().insert(target);
+    }
+    online
+}
+
+fn start_session(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &[u8],
+    ec2_online: bool,
+) -> Result<Value, ApiError> {
     let req: StartSessionRequest = parse(body)?;
     let target = req.target.unwrap_or_default();
     if let Some(e) = injected_start_failure(shared, &target) {
@@ -358,7 +398,10 @@ fn start_session(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Va
     }
     let (doc, doc_name) = resolve_document(req.document_name.as_deref())?;
     let properties = document_properties(doc, &req.parameters.unwrap_or_default())?;
-    if shared.shutting_down.load(Ordering::SeqCst) || !shared.targets().accepts(&target) {
+    if shared.shutting_down.load(Ordering::SeqCst)
+        || !shared.targets().accepts(&target)
+        || !ec2_online
+    {
         return Err(ApiError::new(
             "TargetNotConnected",
             format!("{target} is not connected."),
@@ -616,7 +659,16 @@ struct StringFilter {
 
 /// Instances the simulator reports: the configured list, or (accepting any valid id)
 /// every instance a session was started on plus the ids asked for by name.
-fn known_instances(shared: &Shared, asked: &[String]) -> Vec<String> {
+///
+/// With EC2 (`ec2` is its DescribeInstances answer), the accepted EC2 instances join the
+/// list and each `i-` id is `Online` while running past its boot delay, `ConnectionLost`
+/// once it was Online and no longer is, and absent otherwise (an agent that never
+/// registered is unknown to SSM). Others are `Online`.
+fn known_instances(
+    shared: &Shared,
+    asked: &[String],
+    ec2: Option<&[Ec2Instance]>,
+) -> Vec<(String, &'static str)> {
     let mut ids: Vec<String> = match &*shared.targets() {
         TargetPolicy::Only(list) => list.iter().filter(|t| is_instance_id(t)).cloned().collect(),
         TargetPolicy::AnyValid => {
@@ -630,19 +682,50 @@ fn known_instances(shared: &Shared, asked: &[String]) -> Vec<String> {
             v
         }
     };
+    let (Some(list), Some(cfg)) = (ec2, &shared.config.ec2) else {
+        ids.sort();
+        ids.dedup();
+        return ids.into_iter().map(|id| (id, "Online")).collect();
+    };
+    let policy = shared.targets().clone();
+    ids.extend(
+        list.iter()
+            .filter(|i| policy.accepts(&i.id))
+            .map(|i| i.id.clone()),
+    );
     ids.sort();
     ids.dedup();
-    ids
+    let now = unix_ms();
+    let mut seen = shared.seen_online();
+    ids.into_iter()
+        .filter_map(|id| {
+            if !id.starts_with("i-") {
+                return Some((id, "Online"));
+            }
+            let online = list
+                .iter()
+                .find(|i| i.id == id)
+                .is_some_and(|i| i.online(cfg.boot_delay, now));
+            if online {
+                seen.insert(id.clone());
+                Some((id, "Online"))
+            } else if seen.contains(&id) {
+                Some((id, "ConnectionLost"))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
-fn instance_json(shared: &Shared, id: &str, now_ms: u64) -> Value {
+fn instance_json(shared: &Shared, id: &str, ping: &str, now_ms: u64) -> Value {
     let managed = id.starts_with("mi-");
     let h = crate::proto::message::sha256(id.as_bytes());
     let ip = format!("10.0.{}.{}", h[0], h[1].max(1));
     let version = &shared.config.agent_version;
     json!({
         "InstanceId": id,
-        "PingStatus": "Online",
+        "PingStatus": ping,
         "LastPingDateTime": epoch_seconds(now_ms),
         "AgentVersion": version,
         "IsLatestVersion":
@@ -659,7 +742,11 @@ fn instance_json(shared: &Shared, id: &str, now_ms: u64) -> Value {
     })
 }
 
-fn describe_instance_information(shared: &Shared, body: &[u8]) -> Result<Value, ApiError> {
+fn describe_instance_information(
+    shared: &Shared,
+    body: &[u8],
+    ec2: Option<&[Ec2Instance]>,
+) -> Result<Value, ApiError> {
     let req: DescribeInstanceInformationRequest = parse(body)?;
     let legacy = req.instance_information_filter_list.unwrap_or_default();
     let modern = req.filters.unwrap_or_default();
@@ -711,9 +798,9 @@ fn describe_instance_information(shared: &Shared, body: &[u8]) -> Result<Value, 
         .flat_map(|(_, v)| v.iter().cloned())
         .collect();
     let now = unix_ms();
-    let mut list: Vec<Value> = known_instances(shared, &asked)
+    let mut list: Vec<Value> = known_instances(shared, &asked, ec2)
         .iter()
-        .map(|id| instance_json(shared, id, now))
+        .map(|(id, ping)| instance_json(shared, id, ping, now))
         .collect();
     for (key, values) in &filters {
         let field = match key.as_str() {
@@ -751,13 +838,17 @@ struct TargetRequest {
     target: Option<String>,
 }
 
-fn get_connection_status(shared: &Shared, body: &[u8]) -> Result<Value, ApiError> {
+fn get_connection_status(
+    shared: &Shared,
+    body: &[u8],
+    ec2_online: bool,
+) -> Result<Value, ApiError> {
     let req: TargetRequest = parse(body)?;
     let target = req
         .target
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::validation("Target is required"))?;
-    let status = if shared.targets().accepts(&target) {
+    let status = if shared.targets().accepts(&target) && ec2_online {
         "connected"
     } else {
         "notconnected"
