@@ -213,6 +213,7 @@ impl Tunnel {
                 reader: None,
                 writer: None,
                 outbox: None,
+                writer_task: None,
                 session,
                 smux,
                 streams: HashMap::new(),
@@ -435,6 +436,8 @@ struct Driver {
     writer: Option<mpsc::Sender<Message>>,
     /// A frame the writer had no room for yet.
     outbox: Option<Message>,
+    /// The current websocket's writer task.
+    writer_task: Option<tokio::task::JoinHandle<()>>,
     session: ClientSession,
     smux: Option<smux::Session>,
     streams: HashMap<Key, Slot>,
@@ -582,7 +585,7 @@ impl Driver {
     fn attach_socket(&mut self, socket: DataChannelSocket) {
         let (sink, stream) = socket.split();
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        tokio::spawn(write_pump(sink, rx).in_current_span());
+        self.writer_task = Some(tokio::spawn(write_pump(sink, rx).in_current_span()));
         self.reader = Some(stream);
         self.writer = Some(tx);
         self.outbox = None;
@@ -623,7 +626,11 @@ impl Driver {
                 return;
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer.closed()).await;
+        // Dropping the sender lets the pump write what is queued, then close the socket.
+        drop(writer);
+        if let Some(task) = self.writer_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
     }
 
     /// Resumes the session after the websocket failed; `Some(reason)` ends the tunnel.
