@@ -198,23 +198,11 @@ impl TcpConn {
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; read_size];
             loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) => {
-                        let _ = data
-                            .send(RemoteData::Eof {
-                                conn: id,
-                                error: false,
-                            })
-                            .await;
-                        return;
-                    }
-                    Err(_) => {
-                        let _ = data
-                            .send(RemoteData::Eof {
-                                conn: id,
-                                error: true,
-                            })
-                            .await;
+                let read = rd.read(&mut buf).await;
+                match read {
+                    Ok(0) | Err(_) => {
+                        let error = read.is_err();
+                        let _ = data.send(RemoteData::Eof { conn: id, error }).await;
                         return;
                     }
                     Ok(n) => {
