@@ -27,6 +27,15 @@ pub struct AwsTarget {
 /// Loads the shared SDK configuration with bastion's HTTPS client (rustls with ring
 /// and the platform's root certificates).
 pub async fn load_config(target: &AwsTarget) -> SdkConfig {
+    load_config_with_endpoint(target, None).await
+}
+
+/// [`load_config`] with an explicit endpoint URL (the session-manager-plugin contract
+/// passes the SSM endpoint the AWS CLI used); `None` keeps the standard resolution.
+pub async fn load_config_with_endpoint(
+    target: &AwsTarget,
+    endpoint_url: Option<&str>,
+) -> SdkConfig {
     crate::transport::websocket::install_crypto_provider();
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(
@@ -39,6 +48,9 @@ pub async fn load_config(target: &AwsTarget) -> SdkConfig {
     }
     if let Some(r) = &target.region {
         loader = loader.region(Region::new(r.clone()));
+    }
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
     }
     loader.load().await
 }

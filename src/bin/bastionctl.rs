@@ -14,6 +14,9 @@ use bastion::ctl::{Client, CtlError, profile_route};
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
+/// The name AWS tools spawn; see `bastion::plugin`.
+const PLUGIN_NAME: &str = "session-manager-plugin";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bastionctl",
@@ -59,6 +62,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Drop-in for AWS's session-manager-plugin: run as `session-manager-plugin ARGS...`
+    // (argv[0], e.g. through a symlink) or `bastionctl session-manager-plugin ARGS...`.
+    let args: Vec<String> = std::env::args().collect();
+    let invoked_as_plugin = args.first().is_some_and(|a0| {
+        std::path::Path::new(a0)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.strip_suffix(".exe").unwrap_or(n) == PLUGIN_NAME)
+    });
+    if invoked_as_plugin {
+        return bastion::plugin::main(args);
+    }
+    if args.get(1).is_some_and(|a| a == PLUGIN_NAME) {
+        return bastion::plugin::main(args[1..].to_vec());
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
