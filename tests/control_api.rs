@@ -179,8 +179,15 @@ async fn list_status_open_close() {
     let closed = client.close("alpha").await.unwrap();
     assert_eq!(closed.state, ProfileState::Closed);
     assert!(closed.listen.is_empty());
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    drop(std::net::TcpListener::bind(("127.0.0.1", pa)).expect("alpha's port is free again"));
+    // The listener task is aborted asynchronously: poll until the port is free.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpListener::bind(("127.0.0.1", pa)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alpha's port is never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     server.stop().await;
 }
 
