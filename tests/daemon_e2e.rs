@@ -371,3 +371,45 @@ async fn a_port_already_taken_is_a_clear_error() {
     let (code, _, _) = d.ctl(&["status"]);
     assert_eq!(code, 0, "the daemon keeps serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_too_old_for_remote_host_is_refused_with_the_reason() {
+    // 3.1.1187.0 predates remote-host support: it would forward to the instance itself.
+    let sim = sim(SimConfig {
+        agent_version: "3.1.1187.0".into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let local = free_port();
+    let d = DaemonProcess::start(&profile("old", 5432, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("the client connection is closed promptly")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "EOF, not data");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, out, _) = d.ctl(&["--json", "status", "old"]);
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let err = s["last_error"].as_str().unwrap_or_default();
+        if err.contains("3.1.1187.0") && err.contains("too old") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, _, err) = d.ctl(&["open", "old", "--warm"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("too old"), "{err}");
+    // The refused sessions were terminated, not left open.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.sessions().iter().any(|s| s.status != "Terminated") {
+        assert!(Instant::now() < deadline, "{:?}", sim.sessions());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

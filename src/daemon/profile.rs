@@ -18,6 +18,7 @@ use crate::api::{ApiError, ProfileState, ProfileStatus, Progress};
 use crate::aws::ssm::{AwsError, SsmApi, StartRequest};
 use crate::config::{DOC_REMOTE_HOST, Listen, Profile, Target};
 use crate::proto::session::DataMode;
+use crate::proto::version::{REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION, agent_supports_remote_host};
 use crate::transport::ssm::{ResumeError, Resumer, Tunnel, TunnelConfig};
 
 /// Gives a profile its SSM API client (cached per AWS profile and region).
@@ -398,7 +399,24 @@ impl ProfileRuntime {
         });
         let session_id = ticket.session_id.clone();
         match Tunnel::connect(ticket, self.tunnel_config.clone(), Some(resumer)).await {
-            Ok(t) => Ok(t),
+            Ok(t) => {
+                let agent = t.info().agent_version.clone();
+                if self.profile.document == DOC_REMOTE_HOST && !agent_supports_remote_host(&agent)
+                {
+                    // It would connect to the port on the instance itself, not remote_host.
+                    self.end_session(&t).await;
+                    return Err(user_error(
+                        "agent_too_old",
+                        format!(
+                            "the SSM agent on {} is version {agent}, too old for {DOC_REMOTE_HOST} \
+                             (needs {REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION} or newer); update the agent \
+                             (AWS-UpdateSSMAgent) or use a bastion with a current agent",
+                            self.profile.target,
+                        ),
+                    ));
+                }
+                Ok(t)
+            }
             Err(e) => {
                 // Do not leave a half-open session behind.
                 let _ = api.terminate_session(&session_id).await;

@@ -35,6 +35,11 @@ pub const SMUX_KEEPALIVE_DISABLED_AFTER_AGENT_VERSION: &str = "3.1.1511.0";
 /// Agents strictly newer than this understand the TerminateSession flag: [P] `config.go`
 /// const `TerminateSessionFlagSupportedAfterThisAgentVersion`.
 pub const TERMINATE_SESSION_FLAG_SUPPORTED_AFTER_AGENT_VERSION: &str = "2.3.722.0";
+/// The first agent that forwards to a remote `host` ([A] `RELEASENOTES.md` 3.1.1188.0:
+/// "Added support for port forwarding to remote host"). Older agents ignore the `host`
+/// parameter and connect to the port on the instance itself. The plugin has no such check;
+/// bastion refuses such a session instead of reaching the wrong server.
+pub const REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION: &str = "3.1.1188.0";
 /// Clients at or above this get mux from the agent: [A]
 /// `agent/session/plugins/port/port.go` const `muxSupportedClientVersion`.
 pub const MUX_SUPPORTED_CLIENT_VERSION: &str = "1.1.70";
@@ -201,6 +206,14 @@ pub fn agent_version_compare(this: &str, other: &str) -> Ordering {
     a.len().cmp(&b.len())
 }
 
+/// Does this agent honour the `host` parameter of
+/// `AWS-StartPortForwardingSessionToRemoteHost`? True iff `agent_version >= 3.1.1188.0`
+/// by [`agent_version_compare`] (the agent's own comparison, as its feature gates use).
+pub fn agent_supports_remote_host(agent_version: &str) -> bool {
+    agent_version_compare(agent_version, REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION)
+        != Ordering::Less
+}
+
 /// Agent rule: does the agent use smux for a `LocalPortForwarding` session with this
 /// client? True iff `client_version >= 1.1.70` by [`agent_version_compare`]. [A]
 /// `port.go` fn `GetSession`, const `muxSupportedClientVersion`. An empty or missing
@@ -222,6 +235,15 @@ pub fn agent_disables_keepalive_for_client(client_version: &str) -> bool {
 mod tests {
     use super::*;
     use Ordering::{Equal, Greater, Less};
+
+    #[test]
+    fn remote_host_threshold() {
+        assert!(!agent_supports_remote_host("3.1.1144.0"));
+        assert!(!agent_supports_remote_host("3.1.1187.9"));
+        assert!(agent_supports_remote_host("3.1.1188.0"));
+        assert!(agent_supports_remote_host("3.3.987.0"));
+        assert!(!agent_supports_remote_host(""));
+    }
 
     #[test]
     fn plugin_rule_thresholds() {
