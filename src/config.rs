@@ -175,6 +175,9 @@ pub struct Profile {
     pub autostart: bool,
     /// Audit reason passed to StartSession.
     pub reason: Option<String>,
+    /// Also use the EC2 instance metadata service for credentials and region (off by
+    /// default: it only makes sense when the daemon runs on EC2).
+    pub imds: bool,
 }
 
 /// The whole configuration.
@@ -210,6 +213,7 @@ struct RawSettings {
     max_connections: Option<Spanned<i64>>,
     autostart: Option<Spanned<bool>>,
     reason: Option<Spanned<String>>,
+    imds: Option<Spanned<bool>>,
 }
 
 /// Keys a profile (or `[defaults]`) accepts, for environment overrides and docs.
@@ -228,6 +232,7 @@ pub const KEYS: &[&str] = &[
     "max_connections",
     "autostart",
     "reason",
+    "imds",
 ];
 
 /// Parses a duration: an integer number of seconds, or a string such as `90s`,
@@ -517,6 +522,7 @@ fn validate(
         max_connections,
         autostart: merged(&p.autostart, &d.autostart).is_some_and(|v| *v.get_ref()),
         reason: text(merged(&p.reason, &d.reason)),
+        imds: merged(&p.imds, &d.imds).is_some_and(|v| *v.get_ref()),
     })
 }
 

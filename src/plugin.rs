@@ -195,6 +195,8 @@ async fn run(inv: Invocation) -> Result<(), String> {
     let target = AwsTarget {
         profile: inv.profile.clone(),
         region: Some(inv.region.clone()).filter(|r| !r.is_empty()),
+        // The AWS CLI that spawned us uses the full default chain, IMDS included.
+        imds: true,
     };
     let api = SsmApi::new(&load_config_with_endpoint(&target, inv.endpoint.as_deref()).await);
 

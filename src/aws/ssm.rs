@@ -8,8 +8,22 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use aws_config::ecs::EcsCredentialsProvider;
+use aws_config::environment::{
+    EnvironmentVariableCredentialsProvider, EnvironmentVariableRegionProvider,
+};
+use aws_config::imds::credentials::ImdsCredentialsProvider;
+use aws_config::imds::region::ImdsRegionProvider;
+use aws_config::meta::credentials::CredentialsProviderChain;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::profile::{ProfileFileCredentialsProvider, ProfileFileRegionProvider};
+use aws_config::provider_config::ProviderConfig;
+use aws_config::web_identity_token::WebIdentityTokenCredentialsProvider;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ssm::config::SharedHttpClient;
 use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_http_client::Connector;
+use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::tls;
 use thiserror::Error;
 
@@ -22,37 +36,112 @@ pub struct AwsTarget {
     pub profile: Option<String>,
     /// Region (`None`: from the profile or environment).
     pub region: Option<String>,
+    /// Also ask the EC2 instance metadata service (IMDS) for credentials and region.
+    /// Off by default: on a laptop, IMDS only adds a timeout before "no credentials".
+    pub imds: bool,
 }
 
-/// Loads the shared SDK configuration with bastion's HTTPS client (rustls with ring
-/// and the platform's root certificates).
+/// bastion's HTTPS client for every AWS API call: rustls with ring and the platform's
+/// root certificates, and the proxy settings of the environment (`HTTPS_PROXY`,
+/// `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, upper or lower case), as the websocket uses them.
+pub fn http_client() -> SharedHttpClient {
+    crate::transport::websocket::install_crypto_provider();
+    let proxy = ProxyConfig::from_env();
+    // The public `build_https` has no proxy setting; this builds the same connector
+    // (connector settings and sleep from the runtime) with one.
+    aws_smithy_http_client::Builder::new().build_with_connector_fn(move |settings, components| {
+        let mut b = Connector::builder();
+        b.set_connector_settings(settings.cloned());
+        if let Some(c) = components {
+            b.set_sleep_impl(c.sleep_impl());
+        }
+        b.proxy_config(proxy.clone())
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build()
+    })
+}
+
+/// Loads the shared SDK configuration with bastion's HTTPS client ([`http_client`]).
 pub async fn load_config(target: &AwsTarget) -> SdkConfig {
     load_config_with_endpoint(target, None).await
 }
 
 /// [`load_config`] with an explicit endpoint URL (the session-manager-plugin contract
 /// passes the SSM endpoint the AWS CLI used); `None` keeps the standard resolution.
+///
+/// Credentials come from the standard chain in its standard order (environment,
+/// profile files with SSO, `credential_process` and role assumption, web identity,
+/// ECS container credentials), with IMDS last and only when [`AwsTarget::imds`] is set.
+/// The region: [`AwsTarget::region`], else `AWS_REGION`, else the profile's, else IMDS
+/// (when enabled).
 pub async fn load_config_with_endpoint(
     target: &AwsTarget,
     endpoint_url: Option<&str>,
 ) -> SdkConfig {
-    crate::transport::websocket::install_crypto_provider();
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+    let http = http_client();
+    let base = ProviderConfig::default().with_http_client(http.clone());
+    let region = match &target.region {
+        Some(r) => Some(Region::new(r.clone())),
+        None => region_chain(target, &base).region().await,
+    };
+    let conf = base.with_region(region.clone());
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .region(region)
+        .credentials_provider(credentials_chain(target, &conf));
     if let Some(p) = &target.profile {
         loader = loader.profile_name(p);
-    }
-    if let Some(r) = &target.region {
-        loader = loader.region(Region::new(r.clone()));
     }
     if let Some(url) = endpoint_url {
         loader = loader.endpoint_url(url);
     }
     loader.load().await
+}
+
+fn region_chain(target: &AwsTarget, conf: &ProviderConfig) -> RegionProviderChain {
+    let mut profile = ProfileFileRegionProvider::builder().configure(conf);
+    if let Some(p) = &target.profile {
+        profile = profile.profile_name(p);
+    }
+    let chain = RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+        .or_else(profile.build());
+    if target.imds {
+        chain.or_else(ImdsRegionProvider::builder().configure(conf).build())
+    } else {
+        chain
+    }
+}
+
+fn credentials_chain(target: &AwsTarget, conf: &ProviderConfig) -> CredentialsProviderChain {
+    let mut profile = ProfileFileCredentialsProvider::builder().configure(conf);
+    if let Some(p) = &target.profile {
+        profile = profile.profile_name(p);
+    }
+    let chain = CredentialsProviderChain::first_try(
+        "Environment",
+        EnvironmentVariableCredentialsProvider::new(),
+    )
+    .or_else("Profile", profile.build())
+    .or_else(
+        "WebIdentityToken",
+        WebIdentityTokenCredentialsProvider::builder()
+            .configure(conf)
+            .build(),
+    )
+    .or_else(
+        "EcsContainer",
+        EcsCredentialsProvider::builder().configure(conf).build(),
+    );
+    if target.imds {
+        chain.or_else(
+            "Ec2InstanceMetadata",
+            ImdsCredentialsProvider::builder().configure(conf).build(),
+        )
+    } else {
+        chain
+    }
 }
 
 /// An AWS call failed; each variant says what the user can do.

@@ -42,6 +42,7 @@ impl Daemon {
             let key = AwsTarget {
                 profile: p.aws_profile.clone(),
                 region: p.region.clone(),
+                imds: p.imds,
             };
             let clients = clients.clone();
             Box::pin(async move {

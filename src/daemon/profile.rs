@@ -401,8 +401,7 @@ impl ProfileRuntime {
         match Tunnel::connect(ticket, self.tunnel_config.clone(), Some(resumer)).await {
             Ok(t) => {
                 let agent = t.info().agent_version.clone();
-                if self.profile.document == DOC_REMOTE_HOST && !agent_supports_remote_host(&agent)
-                {
+                if self.profile.document == DOC_REMOTE_HOST && !agent_supports_remote_host(&agent) {
                     // It would connect to the port on the instance itself, not remote_host.
                     self.end_session(&t).await;
                     return Err(user_error(

@@ -210,8 +210,7 @@ pub fn agent_version_compare(this: &str, other: &str) -> Ordering {
 /// `AWS-StartPortForwardingSessionToRemoteHost`? True iff `agent_version >= 3.1.1188.0`
 /// by [`agent_version_compare`] (the agent's own comparison, as its feature gates use).
 pub fn agent_supports_remote_host(agent_version: &str) -> bool {
-    agent_version_compare(agent_version, REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION)
-        != Ordering::Less
+    agent_version_compare(agent_version, REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION) != Ordering::Less
 }
 
 /// Agent rule: does the agent use smux for a `LocalPortForwarding` session with this
