@@ -413,3 +413,62 @@ async fn an_agent_too_old_for_remote_host_is_refused_with_the_reason() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A server that answers a one-line request with `reply` while its client has already
+/// shut down its sending side, as `printf 'GET\n' | nc host port` expects.
+async fn reply_server(reply: Vec<u8>) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while c.read(&mut b).await.unwrap_or(0) == 1 {
+                    line.push(b[0]);
+                    if b[0] == b'\n' {
+                        break;
+                    }
+                }
+                // Think a little, as a query would, then stream the answer.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                for chunk in reply.chunks(64 * 1024) {
+                    if c.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                // Close once the client's EOF arrives.
+                let mut rest = Vec::new();
+                let _ = c.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_half_closes_still_gets_the_whole_reply() {
+    let reply: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let want = Sha256::digest(&reply);
+    let server = reply_server(reply).await;
+    let sim = sim(SimConfig::default()).await;
+    let local = free_port();
+    let d = DaemonProcess::start(&profile("hc", server, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    conn.write_all(b"GET everything\n").await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut got))
+        .await
+        .expect("the connection ends after the reply")
+        .unwrap();
+    assert_eq!(got.len(), 4 * 1024 * 1024, "{}", d.log_text());
+    assert_eq!(Sha256::digest(&got), want);
+    assert_no_violations(&sim);
+}

@@ -408,6 +408,19 @@ type Key = u32;
 struct Slot {
     to_user: mpsc::Sender<Bytes>,
     remote_fin: bool,
+    /// Mux mode: when the local client shut down its sending side. The FIN waits
+    /// (see [`HALF_CLOSE_LINGER`]).
+    local_eof_at: Option<Instant>,
+    /// When data from the remote host last reached this connection.
+    last_remote_data: Instant,
+}
+
+impl Slot {
+    /// When a lingering half-closed connection gets its FIN.
+    fn fin_due(&self) -> Option<Instant> {
+        self.local_eof_at
+            .map(|eof| eof.max(self.last_remote_data) + HALF_CLOSE_LINGER)
+    }
 }
 
 /// What waits to go up in basic mode, in order.
@@ -460,6 +473,12 @@ const MAX_PENDING_UPLOAD: usize = 256 * 1024;
 const MAX_PENDING_DOWNLOAD: usize = 256 * 1024;
 /// Frames queued for a websocket's writer task.
 const WRITER_QUEUE: usize = 256;
+/// How long a connection whose client shut down its sending side stays open for the
+/// reply once the remote host goes quiet. The agent turns a smux FIN into a full close
+/// of its TCP connection ([A] `port_mux.go` fn `handleDataTransfer`: `io.Copy` then
+/// `Close`), which would discard a reply still on its way; so the FIN waits until the
+/// remote host closes or has sent nothing for this long.
+pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// Chunk size moved from smux to a connection's writer task.
 const DELIVERY_CHUNK: usize = 16 * 1024;
 
@@ -485,6 +504,7 @@ impl Driver {
             let deadline = [
                 self.session.poll_timeout(),
                 self.smux.as_ref().and_then(smux::Session::poll_timeout),
+                self.streams.values().filter_map(Slot::fin_due).min(),
             ]
             .into_iter()
             .flatten()
@@ -770,6 +790,8 @@ impl Driver {
             Slot {
                 to_user,
                 remote_fin: false,
+                local_eof_at: None,
+                last_remote_data: Instant::now(),
             },
         );
         self.counters.open_streams = self.streams.len();
@@ -786,9 +808,11 @@ impl Driver {
                 self.counters.bytes_up += d.len() as u64;
                 let _ = smux.write_bytes(StreamId(key), d);
             }
-            (Some(smux), None) => {
-                let _ = smux.close(StreamId(key));
-                self.drop_stream(key);
+            (Some(_), None) => {
+                // Half-close: keep receiving; the FIN goes out in `finish_half_closed`.
+                if let Some(slot) = self.streams.get_mut(&key) {
+                    slot.local_eof_at = Some(Instant::now());
+                }
             }
             (None, Some(d)) => {
                 self.counters.bytes_up += d.len() as u64;
@@ -909,13 +933,17 @@ impl Driver {
             }
         }
         let mut finished = Vec::new();
-        for (&key, slot) in &self.streams {
+        let now = Instant::now();
+        for (&key, slot) in self.streams.iter_mut() {
             loop {
                 let Ok(permit) = slot.to_user.try_reserve() else {
                     break;
                 };
                 match smux.read(StreamId(key), DELIVERY_CHUNK) {
-                    Ok(StreamRead::Data(b)) => permit.send(b),
+                    Ok(StreamRead::Data(b)) => {
+                        slot.last_remote_data = now;
+                        permit.send(b);
+                    }
                     Ok(StreamRead::Blocked) => break,
                     Ok(StreamRead::Eof) | Err(_) => {
                         finished.push(key);
@@ -924,6 +952,10 @@ impl Driver {
                 }
             }
             if slot.remote_fin && smux.buffered(StreamId(key)) == 0 && !finished.contains(&key) {
+                finished.push(key);
+            }
+            if slot.fin_due().is_some_and(|due| due <= now) && !finished.contains(&key) {
+                debug!(stream = key, "half-closed connection quiet; sending FIN");
                 finished.push(key);
             }
         }
