@@ -21,6 +21,8 @@ pub enum ProfileState {
     Connecting,
     /// A session is up.
     Ready,
+    /// A session's websocket dropped and is being resumed; connections wait.
+    Resuming,
     /// The last attempt failed; still listening, the next connection retries.
     Error,
 }
@@ -38,8 +40,11 @@ pub struct ProfileStatus {
     pub target: String,
     /// Remote host and port as the agent dials them.
     pub remote: String,
-    /// The live session, if any.
+    /// The first live session, if any.
     pub session_id: Option<String>,
+    /// Every live session of the profile's pool (connections are striped over them).
+    #[serde(default)]
+    pub sessions: Vec<String>,
     /// The agent's version, once known.
     pub agent_version: Option<String>,
     /// `mux`, `basic` (or `stream` for a non-port session), once known.
@@ -54,8 +59,11 @@ pub struct ProfileStatus {
     pub bytes_down: u64,
     /// Seconds since the session became ready.
     pub uptime_secs: Option<u64>,
-    /// Websocket resumes of the current session.
+    /// Successful websocket resumes since the profile opened.
     pub resumes: u64,
+    /// Resume attempts of the live sessions (successful or not).
+    #[serde(default)]
+    pub resume_attempts: u64,
     /// The last error, in words a user can act on.
     pub last_error: Option<String>,
 }

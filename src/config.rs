@@ -171,6 +171,8 @@ pub struct Profile {
     pub idle_timeout: Duration,
     /// Most simultaneous connections.
     pub max_connections: usize,
+    /// Most Session Manager sessions the profile's connections are striped over.
+    pub max_sessions: usize,
     /// Start listening when the daemon starts (otherwise on `bastionctl open`).
     pub autostart: bool,
     /// Audit reason passed to StartSession.
@@ -179,6 +181,10 @@ pub struct Profile {
     /// default: it only makes sense when the daemon runs on EC2).
     pub imds: bool,
 }
+
+/// Default of `max_sessions`: the agent sends at most about 1 MB/s per session, so a
+/// few parallel connections (an IDE's, a dump) each get a session of their own.
+pub const DEFAULT_MAX_SESSIONS: usize = 4;
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -211,6 +217,7 @@ struct RawSettings {
     aws_profile: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<toml::Value>>,
     max_connections: Option<Spanned<i64>>,
+    max_sessions: Option<Spanned<i64>>,
     autostart: Option<Spanned<bool>>,
     reason: Option<Spanned<String>>,
     imds: Option<Spanned<bool>>,
@@ -230,6 +237,7 @@ pub const KEYS: &[&str] = &[
     "aws_profile",
     "idle_timeout",
     "max_connections",
+    "max_sessions",
     "autostart",
     "reason",
     "imds",
@@ -505,6 +513,14 @@ fn validate(
         }
         Some(v) => *v.get_ref() as usize,
     };
+    let max_sessions = match merged(&p.max_sessions, &d.max_sessions) {
+        None => DEFAULT_MAX_SESSIONS,
+        Some(v) if *v.get_ref() < 1 || *v.get_ref() > 64 => {
+            ctx.err(Some(v.span()), "max_sessions must be between 1 and 64");
+            0
+        }
+        Some(v) => *v.get_ref() as usize,
+    };
     let text = |v: Option<Spanned<String>>| v.map(|s| s.into_inner()).filter(|s| !s.is_empty());
     if ctx.errors.len() > before {
         return None;
@@ -520,6 +536,7 @@ fn validate(
         aws_profile: text(merged(&p.aws_profile, &d.aws_profile)),
         idle_timeout,
         max_connections,
+        max_sessions,
         autostart: merged(&p.autostart, &d.autostart).is_some_and(|v| *v.get_ref()),
         reason: text(merged(&p.reason, &d.reason)),
         imds: merged(&p.imds, &d.imds).is_some_and(|v| *v.get_ref()),

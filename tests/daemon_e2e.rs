@@ -119,8 +119,13 @@ async fn fifty_concurrent_psql_connections_on_one_profile() {
         assert_eq!(h.join().unwrap(), (500_500 + i).to_string());
     }
     let sessions = sim.sessions();
-    assert_eq!(sessions.len(), 1, "all connections share one session");
-    assert!(sessions[0].counters.streams_opened >= 50);
+    assert!(
+        (1..=4).contains(&sessions.len()),
+        "striped over at most max_sessions (4) sessions: {}",
+        sessions.len()
+    );
+    let streams: u64 = sessions.iter().map(|s| s.counters.streams_opened).sum();
+    assert!(streams >= 50, "{streams}");
     assert_no_violations(&sim);
 }
 
@@ -199,12 +204,15 @@ async fn three_profiles_at_once_and_basic_mode() {
     })
     .await;
     let ports = [free_port(), free_port(), free_port()];
+    // Agents before 3.1.1188.0 cannot forward to a remote host: use the instance's own
+    // port (the simulated instance is this machine).
     let config = format!(
         "{}{}{}",
         profile("a", pg.port, ports[0]),
         profile("b", pg.port, ports[1]),
         profile("c", pg.port, ports[2])
-    );
+    )
+    .replace("remote_host = \"127.0.0.1\"\n", "");
     let d = DaemonProcess::start(&config, &basic_sim.endpoint_url());
     for p in ports {
         wait_listening(p, &d);
@@ -308,14 +316,16 @@ async fn sigterm_terminates_sessions_and_exits_zero_and_no_token_is_logged() {
         "exit status {status:?}; log:\n{}",
         d.log_text()
     );
-    let sessions = sim.sessions();
-    assert_eq!(sessions.len(), 1);
+    assert!(!sim.sessions().is_empty());
     let deadline = Instant::now() + Duration::from_secs(5);
-    while sim.sessions()[0].status != "Terminated" {
+    while sim.sessions().iter().any(|s| s.status != "Terminated") {
         assert!(
             Instant::now() < deadline,
-            "session not terminated: {:?}",
-            sim.sessions()[0].status
+            "sessions not terminated: {:?}",
+            sim.sessions()
+                .iter()
+                .map(|s| s.status.clone())
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

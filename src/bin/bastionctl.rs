@@ -319,6 +319,7 @@ fn state_name(s: ProfileState) -> &'static str {
         ProfileState::Listening => "listening",
         ProfileState::Connecting => "connecting",
         ProfileState::Ready => "ready",
+        ProfileState::Resuming => "resuming",
         ProfileState::Error => "error",
     }
 }
@@ -419,7 +420,7 @@ fn status_table(profiles: &[ProfileStatus]) -> String {
                 state_name(p.state).to_owned(),
                 listen_text(p),
                 p.target.clone(),
-                dash(p.session_id.as_deref()),
+                session_text(p),
                 dash(p.agent_version.as_deref()),
                 dash(p.mode.as_deref()),
                 p.connections.to_string(),
@@ -449,6 +450,15 @@ fn status_table(profiles: &[ProfileStatus]) -> String {
     )
 }
 
+/// The first session id, with the number of further pool sessions.
+fn session_text(p: &ProfileStatus) -> String {
+    match (p.session_id.as_deref(), p.sessions.len()) {
+        (None, _) => "-".to_owned(),
+        (Some(id), 0 | 1) => id.to_owned(),
+        (Some(id), n) => format!("{id} +{}", n - 1),
+    }
+}
+
 fn detail_table(p: &ProfileStatus) -> String {
     let rows: Vec<Vec<String>> = [
         ("name", p.name.clone()),
@@ -456,7 +466,14 @@ fn detail_table(p: &ProfileStatus) -> String {
         ("listen", listen_text(p)),
         ("target", p.target.clone()),
         ("remote", p.remote.clone()),
-        ("session", dash(p.session_id.as_deref())),
+        (
+            "sessions",
+            if p.sessions.is_empty() {
+                "-".to_owned()
+            } else {
+                p.sessions.join(" ")
+            },
+        ),
         ("agent", dash(p.agent_version.as_deref())),
         ("mode", dash(p.mode.as_deref())),
         (
@@ -475,7 +492,10 @@ fn detail_table(p: &ProfileStatus) -> String {
             "uptime",
             p.uptime_secs.map_or_else(|| "-".to_owned(), human_duration),
         ),
-        ("resumes", p.resumes.to_string()),
+        (
+            "resumes",
+            format!("{} ({} attempts)", p.resumes, p.resume_attempts),
+        ),
         ("last error", dash(p.last_error.as_deref())),
     ]
     .into_iter()

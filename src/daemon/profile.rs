@@ -19,7 +19,7 @@ use crate::aws::ssm::{AwsError, SsmApi, StartRequest};
 use crate::config::{DOC_REMOTE_HOST, Listen, Profile, Target};
 use crate::proto::session::DataMode;
 use crate::proto::version::{REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION, agent_supports_remote_host};
-use crate::transport::ssm::{ResumeError, Resumer, Tunnel, TunnelConfig};
+use crate::transport::ssm::{ResumeError, Resumer, Tunnel, TunnelConfig, TunnelStats};
 
 /// Gives a profile its SSM API client (cached per AWS profile and region).
 pub type ApiProvider = Arc<
@@ -28,22 +28,52 @@ pub type ApiProvider = Arc<
         + Sync,
 >;
 
+/// One session of the profile's pool.
 struct Live {
     tunnel: Arc<Tunnel>,
     ready_at: Instant,
+    /// Connections assigned to it (counted here, not by the driver, so that
+    /// simultaneous arrivals spread at once).
+    streams: Arc<AtomicUsize>,
+    /// When a connection last started or ended on it.
+    last_activity: Instant,
+}
+
+/// A connection's claim on a pool session; releasing it (on drop) updates the
+/// session's idle clock.
+struct Claim<'a> {
+    profile: &'a ProfileRuntime,
+    tunnel: Arc<Tunnel>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+        let mut inner = self.profile.lock();
+        if let Some(l) = inner
+            .live
+            .iter_mut()
+            .find(|l| Arc::ptr_eq(&l.tunnel, &self.tunnel))
+        {
+            l.last_activity = Instant::now();
+        }
+    }
 }
 
 struct Inner {
     state: ProfileState,
     listeners: Vec<JoinHandle<()>>,
     listen_desc: Vec<String>,
-    live: Option<Live>,
+    /// The session pool: connections are striped over up to `max_sessions` sessions.
+    live: Vec<Live>,
     last_error: Option<String>,
     last_activity: Instant,
     reaper: Option<JoinHandle<()>>,
     /// Bytes of sessions that already ended.
     bytes_up_done: u64,
     bytes_down_done: u64,
+    resumes_done: u64,
 }
 
 /// A profile's run-time state. Cheap to share.
@@ -90,12 +120,13 @@ impl ProfileRuntime {
                 state: ProfileState::Closed,
                 listeners: Vec::new(),
                 listen_desc: Vec::new(),
-                live: None,
+                live: Vec::new(),
                 last_error: None,
                 last_activity: Instant::now(),
                 reaper: None,
                 bytes_up_done: 0,
                 bytes_down_done: 0,
+                resumes_done: 0,
             }),
             opening: AsyncMutex::new(()),
             connecting: AsyncMutex::new(()),
@@ -281,21 +312,26 @@ impl ProfileRuntime {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let tunnel = self.ensure_tunnel().await?;
-        let mut stream = match tunnel.open_stream().await {
+        let mut claim = self.claim_session().await?;
+        let mut stream = match claim.tunnel.open_stream().await {
             Ok(s) => s,
             Err(first) => {
                 // The session may have ended a moment ago: one fresh attempt.
-                debug!(error = %first, "opening a stream failed; starting a new session");
-                self.forget_tunnel(&tunnel);
-                let tunnel = self.ensure_tunnel().await?;
-                tunnel
+                debug!(error = %first, "opening a stream failed; trying another session");
+                self.forget_tunnel(&claim.tunnel);
+                drop(claim);
+                claim = self.claim_session().await?;
+                claim
+                    .tunnel
                     .open_stream()
                     .await
                     .map_err(|e| user_error("session_failed", e.to_string()))?
             }
         };
-        match tokio::io::copy_bidirectional(&mut conn, &mut stream).await {
+        debug!(session_id = %claim.tunnel.session_id(), "connection on session");
+        let result = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+        drop(claim);
+        match result {
             Ok(totals) => Ok(totals),
             Err(e) => {
                 debug!(error = %e, "connection ended with an error");
@@ -304,35 +340,115 @@ impl ProfileRuntime {
         }
     }
 
-    /// Returns the live session, starting one if needed (one start at a time).
+    /// Picks the session for a new connection: the least loaded live one if it is idle
+    /// or the pool is full, else a new session (one start at a time). If a new session
+    /// cannot start, a busy one still serves.
+    async fn claim_session(&self) -> Result<Claim<'_>, ApiError> {
+        if let Some(c) = self.claim_existing(false) {
+            return Ok(c);
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.claim_existing(false) {
+            return Ok(c);
+        }
+        match self.add_session().await {
+            Ok(()) => self
+                .claim_existing(true)
+                .ok_or_else(|| user_error("session_failed", "the new session ended at once")),
+            Err(e) => match self.claim_existing(true) {
+                Some(c) => {
+                    warn!(error = %e.message, "could not add a session to the pool; sharing a busy one");
+                    Ok(c)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    fn claim_existing(&self, any: bool) -> Option<Claim<'_>> {
+        let mut inner = self.lock();
+        self.prune_ended(&mut inner);
+        let full = inner.live.len() >= self.profile.max_sessions;
+        let best = inner
+            .live
+            .iter_mut()
+            .min_by_key(|l| l.streams.load(Ordering::Relaxed))?;
+        if !(any || full || best.streams.load(Ordering::Relaxed) == 0) {
+            return None;
+        }
+        best.streams.fetch_add(1, Ordering::Relaxed);
+        best.last_activity = Instant::now();
+        Some(Claim {
+            profile: self,
+            tunnel: best.tunnel.clone(),
+            streams: best.streams.clone(),
+        })
+    }
+
+    /// Drops sessions that ended, keeping their byte counts and end reason.
+    fn prune_ended(&self, inner: &mut Inner) {
+        let ended: Vec<Arc<Tunnel>> = inner
+            .live
+            .iter()
+            .filter(|l| l.tunnel.end_reason().is_some())
+            .map(|l| l.tunnel.clone())
+            .collect();
+        for t in ended {
+            if let Some(why) = t.end_reason() {
+                inner.last_error = Some(why);
+            }
+            self.forget_tunnel_locked(inner, &t);
+        }
+        if inner.live.is_empty() && inner.state == ProfileState::Ready {
+            inner.state = ProfileState::Listening;
+        }
+    }
+
+    /// Makes sure at least one session is up (for `open --warm`).
     async fn ensure_tunnel(&self) -> Result<Arc<Tunnel>, ApiError> {
         let _guard = self.connecting.lock().await;
-        if let Some(live) = &self.lock().live
-            && live.tunnel.end_reason().is_none()
         {
-            return Ok(live.tunnel.clone());
+            let mut inner = self.lock();
+            self.prune_ended(&mut inner);
+            if let Some(l) = inner.live.first() {
+                return Ok(l.tunnel.clone());
+            }
         }
-        self.set_state(ProfileState::Connecting);
+        self.add_session().await?;
+        self.lock()
+            .live
+            .last()
+            .map(|l| l.tunnel.clone())
+            .ok_or_else(|| user_error("session_failed", "the new session ended at once"))
+    }
+
+    /// Starts one more session for the pool. The caller holds `connecting`.
+    async fn add_session(&self) -> Result<(), ApiError> {
+        {
+            let mut inner = self.lock();
+            if inner.live.is_empty() {
+                inner.state = ProfileState::Connecting;
+            }
+        }
         match self.start_tunnel().await {
             Ok(tunnel) => {
-                let tunnel = Arc::new(tunnel);
                 let mut inner = self.lock();
-                if let Some(old) = inner.live.as_ref().map(|l| l.tunnel.clone()) {
-                    self.forget_tunnel_locked(&mut inner, &old);
-                }
-                inner.live = Some(Live {
-                    tunnel: tunnel.clone(),
+                inner.live.push(Live {
+                    tunnel: Arc::new(tunnel),
                     ready_at: Instant::now(),
+                    streams: Arc::default(),
+                    last_activity: Instant::now(),
                 });
                 inner.state = ProfileState::Ready;
                 inner.last_error = None;
-                // A fresh session starts its idle clock now.
                 inner.last_activity = Instant::now();
-                Ok(tunnel)
+                Ok(())
             }
             Err(e) => {
                 let mut inner = self.lock();
-                inner.state = ProfileState::Error;
+                if inner.live.is_empty() {
+                    inner.state = ProfileState::Error;
+                }
                 inner.last_error = Some(e.message.clone());
                 Err(e)
             }
@@ -387,13 +503,15 @@ impl ProfileRuntime {
         info!(profile = %self.profile.name, session_id = %ticket.session_id, "session started");
         let session_id = ticket.session_id.clone();
         let resume_api = api.clone();
+        let profile = Arc::new(self.profile.clone());
         let resumer: Resumer = Arc::new(move || {
             let api = resume_api.clone();
             let id = session_id.clone();
+            let profile = profile.clone();
             Box::pin(async move {
                 api.resume_session(&id).await.map_err(|e| match e {
                     e if e.is_retryable() => ResumeError::Retry(e.to_string()),
-                    e => ResumeError::Fatal(e.to_string()),
+                    e => ResumeError::Fatal(describe_aws_error(&profile, &e)),
                 })
             })
         });
@@ -424,46 +542,44 @@ impl ProfileRuntime {
         }
     }
 
+    /// Ends pool sessions that had no connection for `idle_timeout`, and forgets
+    /// sessions that ended on their own.
     async fn reap_if_idle(&self) {
-        let (tunnel, idle) = {
-            let inner = self.lock();
-            let idle = self.connections.load(Ordering::Relaxed) == 0
-                && inner.last_activity.elapsed() >= self.profile.idle_timeout;
-            (inner.live.as_ref().map(|l| l.tunnel.clone()), idle)
-        };
-        let Some(tunnel) = tunnel else { return };
-        if tunnel.end_reason().is_some() {
+        let idle: Vec<Arc<Tunnel>> = {
             let mut inner = self.lock();
-            if let Some(why) = tunnel.end_reason() {
-                inner.last_error = Some(why);
-            }
-            self.forget_tunnel_locked(&mut inner, &tunnel);
-            if inner.state == ProfileState::Ready {
-                inner.state = ProfileState::Listening;
-            }
-            return;
-        }
-        if idle {
-            info!(profile = %self.profile.name, "session idle; terminating");
+            self.prune_ended(&mut inner);
+            inner
+                .live
+                .iter()
+                .filter(|l| {
+                    l.streams.load(Ordering::Relaxed) == 0
+                        && l.last_activity.elapsed() >= self.profile.idle_timeout
+                })
+                .map(|l| l.tunnel.clone())
+                .collect()
+        };
+        for tunnel in idle {
+            info!(profile = %self.profile.name, session_id = %tunnel.session_id(), "session idle; terminating");
             self.end_session(&tunnel).await;
             let mut inner = self.lock();
             self.forget_tunnel_locked(&mut inner, &tunnel);
-            if inner.state == ProfileState::Ready {
+            if inner.live.is_empty() && inner.state == ProfileState::Ready {
                 inner.state = ProfileState::Listening;
             }
         }
     }
 
     fn forget_tunnel_locked(&self, inner: &mut Inner, tunnel: &Arc<Tunnel>) {
-        if inner
+        if let Some(i) = inner
             .live
-            .as_ref()
-            .is_some_and(|l| Arc::ptr_eq(&l.tunnel, tunnel))
-            && let Some(old) = inner.live.take()
+            .iter()
+            .position(|l| Arc::ptr_eq(&l.tunnel, tunnel))
         {
+            let old = inner.live.swap_remove(i);
             let s = old.tunnel.stats();
             inner.bytes_up_done += s.bytes_up;
             inner.bytes_down_done += s.bytes_down;
+            inner.resumes_done += s.resumes;
         }
     }
 
@@ -487,7 +603,7 @@ impl ProfileRuntime {
             (
                 std::mem::take(&mut inner.listeners),
                 inner.reaper.take(),
-                inner.live.take(),
+                std::mem::take(&mut inner.live),
             )
         };
         for h in handles.into_iter().chain(reaper) {
@@ -496,12 +612,13 @@ impl ProfileRuntime {
         if let Listen::Unix(path) = &self.profile.listen {
             let _ = std::fs::remove_file(path);
         }
-        if let Some(live) = live {
-            self.end_session(&live.tunnel).await;
-            let s = live.tunnel.stats();
+        for l in live {
+            self.end_session(&l.tunnel).await;
+            let s = l.tunnel.stats();
             let mut inner = self.lock();
             inner.bytes_up_done += s.bytes_up;
             inner.bytes_down_done += s.bytes_down;
+            inner.resumes_done += s.resumes;
         }
         self.status()
     }
@@ -518,39 +635,51 @@ impl ProfileRuntime {
         self.close().await;
     }
 
-    fn set_state(&self, state: ProfileState) {
-        self.lock().state = state;
-    }
-
     /// What `bastionctl status` shows.
     pub fn status(&self) -> ProfileStatus {
         let inner = self.lock();
-        let live = inner.live.as_ref();
-        let stats = live.map(|l| l.tunnel.stats()).unwrap_or_default();
+        let first = inner.live.first();
+        let stats: Vec<TunnelStats> = inner.live.iter().map(|l| l.tunnel.stats()).collect();
         let remote = match &self.profile.remote_host {
             Some(host) => format!("{host}:{}", self.profile.remote_port),
             None => format!("port {} of the target", self.profile.remote_port),
         };
+        let resuming = stats.iter().any(|s| s.reconnecting);
         ProfileStatus {
             name: self.profile.name.clone(),
-            state: inner.state,
+            state: if resuming && inner.state == ProfileState::Ready {
+                ProfileState::Resuming
+            } else {
+                inner.state
+            },
             listen: inner.listen_desc.clone(),
             target: self.profile.target.to_string(),
             remote,
-            session_id: live.map(|l| l.tunnel.session_id().to_owned()),
-            agent_version: live.map(|l| l.tunnel.info().agent_version.clone()),
-            mode: live.map(|l| match l.tunnel.info().mode {
+            session_id: first.map(|l| l.tunnel.session_id().to_owned()),
+            sessions: inner
+                .live
+                .iter()
+                .map(|l| l.tunnel.session_id().to_owned())
+                .collect(),
+            agent_version: first.map(|l| l.tunnel.info().agent_version.clone()),
+            mode: first.map(|l| match l.tunnel.info().mode {
                 DataMode::Mux => "mux".to_owned(),
                 DataMode::Basic => "basic".to_owned(),
                 DataMode::StandardStream => "stream".to_owned(),
             }),
             connections: self.connections.load(Ordering::Relaxed),
             total_connections: self.total_connections.load(Ordering::Relaxed),
-            bytes_up: inner.bytes_up_done + stats.bytes_up,
-            bytes_down: inner.bytes_down_done + stats.bytes_down,
-            uptime_secs: live.map(|l| l.ready_at.elapsed().as_secs()),
-            resumes: stats.resumes,
-            last_error: inner.last_error.clone().or(stats.last_error),
+            bytes_up: inner.bytes_up_done + stats.iter().map(|s| s.bytes_up).sum::<u64>(),
+            bytes_down: inner.bytes_down_done + stats.iter().map(|s| s.bytes_down).sum::<u64>(),
+            uptime_secs: first.map(|l| l.ready_at.elapsed().as_secs()),
+            resumes: inner.resumes_done + stats.iter().map(|s| s.resumes).sum::<u64>(),
+            resume_attempts: stats.iter().map(|s| s.resume_attempts).sum(),
+            last_error: stats
+                .iter()
+                .find(|s| s.reconnecting)
+                .and_then(|s| s.last_error.clone())
+                .or_else(|| inner.last_error.clone())
+                .or_else(|| stats.iter().find_map(|s| s.last_error.clone())),
         }
     }
 }

@@ -84,9 +84,17 @@ pub struct TunnelConfig {
     pub max_payload: usize,
     /// Bound for connecting the websocket and for the handshake.
     pub connect_timeout: Duration,
-    /// Websocket ping interval; a connection that shows no traffic for two intervals
-    /// is considered dead and resumed.
+    /// Websocket ping interval. The service answers pings, so a websocket that shows
+    /// no traffic at all for `dead_after` is half-open (laptop sleep, network change)
+    /// and is resumed.
     pub ping_interval: Duration,
+    /// Silence after which the websocket counts as dead.
+    pub dead_after: Duration,
+    /// A new connection on a websocket quiet for longer than this first checks it with
+    /// a ping, and resumes if nothing answers within `probe_timeout`.
+    pub probe_idle: Duration,
+    /// See `probe_idle`.
+    pub probe_timeout: Duration,
     /// Capacity of each tunnelled connection's in-memory pipe.
     pub stream_buffer: usize,
 }
@@ -98,7 +106,10 @@ impl Default for TunnelConfig {
             client_id: uuid::Uuid::new_v4().hyphenated().to_string(),
             max_payload: 1024,
             connect_timeout: Duration::from_secs(30),
-            ping_interval: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+            probe_idle: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(3),
             stream_buffer: 64 * 1024,
         }
     }
@@ -148,6 +159,10 @@ pub struct TunnelStats {
     pub total_streams: u64,
     /// Successful websocket resumes.
     pub resumes: u64,
+    /// Resume attempts (successful or not).
+    pub resume_attempts: u64,
+    /// True while the websocket is down and being resumed.
+    pub reconnecting: bool,
     /// Retransmitted messages.
     pub retransmissions: u64,
     /// The last problem seen, for `bastionctl status`.
@@ -228,6 +243,7 @@ impl Tunnel {
                 stats: stats_tx,
                 counters: TunnelStats::default(),
                 last_traffic: Instant::now(),
+                probe_sent_at: None,
             };
             let mut driver = driver;
             driver.attach_socket(socket);
@@ -465,6 +481,8 @@ struct Driver {
     stats: watch::Sender<TunnelStats>,
     counters: TunnelStats,
     last_traffic: Instant,
+    /// When a liveness ping went out for a new connection, until traffic answers it.
+    probe_sent_at: Option<Instant>,
 }
 
 /// Bytes of smux output allowed to wait for the channel window before user reads pause.
@@ -501,7 +519,12 @@ impl Driver {
                 }
                 continue;
             }
+            if self.probe_sent_at.is_some_and(|t| self.last_traffic >= t) {
+                self.probe_sent_at = None;
+            }
+            let probe_due = self.probe_sent_at.map(|t| t + self.config.probe_timeout);
             let deadline = [
+                probe_due,
                 self.session.poll_timeout(),
                 self.smux.as_ref().and_then(smux::Session::poll_timeout),
                 self.streams.values().filter_map(Slot::fin_due).min(),
@@ -575,6 +598,11 @@ impl Driver {
                 _ = capacity.notified() => {}
                 _ = sleep_until(deadline) => {
                     let now = Instant::now();
+                    if probe_due.is_some_and(|d| d <= now) {
+                        self.probe_sent_at = None;
+                        if let Some(why) = self.reconnect("no answer to a ping on the websocket".into()).await { return why; }
+                        continue;
+                    }
                     self.session.handle_timeout(now);
                     if let Some(s) = self.smux.as_mut() { s.handle_timeout(now); }
                 }
@@ -589,7 +617,7 @@ impl Driver {
                         streams = self.streams.len(),
                         "data channel state"
                     );
-                    if self.last_traffic.elapsed() > 2 * self.config.ping_interval {
+                    if self.last_traffic.elapsed() > self.config.dead_after {
                         if let Some(why) = self.reconnect("no traffic on the websocket".into()).await { return why; }
                     } else if let Some(w) = &self.writer {
                         let _ = w.try_send(Message::Ping(Bytes::from_static(b"keepalive")));
@@ -662,8 +690,19 @@ impl Driver {
         self.writer = None;
         self.outbox = None;
         let resumer = self.resumer.clone()?;
+        self.counters.reconnecting = true;
+        let outcome = self.resume_loop(resumer, why).await;
+        self.counters.reconnecting = false;
+        self.publish_stats();
+        outcome
+    }
+
+    /// Retries ResumeSession and the websocket with capped, jittered exponential backoff
+    /// until it works, the service refuses, or the channel gives up.
+    async fn resume_loop(&mut self, resumer: Resumer, why: String) -> Option<String> {
         let mut attempt: u32 = 0;
         loop {
+            self.publish_stats();
             if self.session.channel().close_reason().is_some() {
                 return Some(why);
             }
@@ -675,6 +714,7 @@ impl Driver {
                 tokio::time::sleep(delay).await;
             }
             attempt = attempt.saturating_add(1);
+            self.counters.resume_attempts += 1;
             let token = match resumer().await {
                 Ok(t) if t.is_empty() => {
                     return Some("session timed out (empty resume token)".into());
@@ -682,8 +722,8 @@ impl Driver {
                 Ok(t) => t,
                 Err(ResumeError::Fatal(e)) => return Some(format!("resume refused: {e}")),
                 Err(ResumeError::Retry(e)) => {
-                    debug!(attempt, error = %e, "resume failed, retrying");
-                    self.counters.last_error = Some(e);
+                    warn!(attempt, error = %e, "ResumeSession failed; retrying");
+                    self.counters.last_error = Some(format!("resume attempt {attempt}: {e}"));
                     continue;
                 }
             };
@@ -701,8 +741,8 @@ impl Driver {
                     return None;
                 }
                 Err(e) => {
-                    debug!(attempt, error = %e, "reconnect failed, retrying");
-                    self.counters.last_error = Some(e.to_string());
+                    warn!(attempt, error = %e, "websocket reconnect failed; retrying");
+                    self.counters.last_error = Some(format!("resume attempt {attempt}: {e}"));
                 }
             }
         }
@@ -712,6 +752,15 @@ impl Driver {
         if let Some(why) = self.session.channel().close_reason() {
             let _ = reply.send(Err(TunnelError::Ended(format!("{why:?}"))));
             return;
+        }
+        // After a laptop sleep the websocket may be dead without knowing it: check.
+        if self.probe_sent_at.is_none()
+            && self.last_traffic.elapsed() > self.config.probe_idle
+            && let Some(w) = &self.writer
+            && w.try_send(Message::Ping(Bytes::from_static(b"probe")))
+                .is_ok()
+        {
+            self.probe_sent_at = Some(Instant::now());
         }
         match self.smux.as_mut() {
             Some(smux) => match smux.open_stream() {
