@@ -134,7 +134,7 @@ pub enum OpenEvent {
     /// Final line: the profile is open and its session ready.
     Status {
         /// The profile's status.
-        status: ProfileStatus,
+        status: Box<ProfileStatus>,
     },
     /// Final line: the open failed.
     Error {

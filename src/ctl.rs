@@ -295,7 +295,10 @@ impl Client {
             // An older daemon that answers warm opens with the plain status.
             let bytes = read_all(resp.into_body()).await?;
             let status: ProfileStatus = serde_json::from_slice(&bytes).map_err(protocol)?;
-            let mut line = serde_json::to_vec(&OpenEvent::Status { status }).map_err(protocol)?;
+            let mut line = serde_json::to_vec(&OpenEvent::Status {
+                status: Box::new(status),
+            })
+            .map_err(protocol)?;
             line.push(b'\n');
             return Ok(WarmOpen {
                 body: None,
@@ -420,7 +423,7 @@ impl WarmOpen {
         while let Some(line) = self.next_line().await? {
             match line.event {
                 OpenEvent::Progress(p) => on_progress(&p),
-                OpenEvent::Status { status } => return Ok(status),
+                OpenEvent::Status { status } => return Ok(*status),
                 OpenEvent::Error { error } => {
                     return Err(CtlError::Api {
                         status: crate::daemon::control::http_status(&error.code).as_u16(),

@@ -260,7 +260,7 @@ async fn open_warm_live(client: &Client, name: &str) -> Result<ProfileStatus, Ct
                     }
                     OpenEvent::Status { status } => {
                         clear(tty);
-                        return Ok(status);
+                        return Ok(*status);
                     }
                     OpenEvent::Error { error } => {
                         clear(tty);

@@ -652,7 +652,9 @@ fn warm_stream(daemon: Arc<Daemon>, name: String) -> Response {
             let _ = lines_tx.try_send(ndjson_line(&OpenEvent::Progress(p)));
         }
         let last = match result {
-            Ok(status) => OpenEvent::Status { status },
+            Ok(status) => OpenEvent::Status {
+                status: Box::new(status),
+            },
             Err(error) => OpenEvent::Error { error },
         };
         let _ = lines_tx.send(ndjson_line(&last)).await;
