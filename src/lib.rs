@@ -17,6 +17,7 @@ pub mod aws;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod logging;
 pub mod plugin;
 pub mod proto;
 pub mod sim;

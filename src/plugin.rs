@@ -33,10 +33,13 @@ use crate::transport::ssm::{
     ResumeError, Resumer, SessionTicket, Tunnel, TunnelConfig, TunnelError,
 };
 
-/// The plugin version `--version` reports: the upstream release whose argv contract
-/// this implements. Newer than 1.2.497.0, so the AWS CLI passes the StartSession
-/// response through the `AWS_SSM_START_SESSION_RESPONSE` environment variable.
-pub const PLUGIN_VERSION: &str = "1.2.707.0";
+/// The plugin version `--version` reports. The AWS CLI reads it for two things only
+/// (`awscli/customizations/sessionmanager.py`): above 1.2.497.0 it passes the
+/// StartSession response through the `AWS_SSM_START_SESSION_RESPONSE` environment
+/// variable, and below its `RECOMMENDED_MINIMUM_PLUGIN_VERSION` (1.2.764.0 in awscli
+/// 1.46) it prints an "outdated SessionManagerPlugin" warning on every start. The argv
+/// contract is the same for all versions since 1.2.497.0.
+pub const PLUGIN_VERSION: &str = "1.2.764.0";
 
 /// Prefix of the environment variable name that carries the StartSession response.
 pub const RESPONSE_ENV_PREFIX: &str = "AWS_SSM_START_SESSION_RESPONSE";
@@ -109,11 +112,9 @@ pub fn main(args: Vec<String>) -> ExitCode {
         }
     };
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BASTION_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(crate::logging::env_filter("BASTION_LOG", "warn"))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

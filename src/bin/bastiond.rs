@@ -152,20 +152,9 @@ impl SimArgs {
     }
 }
 
-/// Log targets capped at INFO whatever RUST_LOG says: at TRACE/DEBUG tungstenite logs
-/// whole websocket messages, and the OpenDataChannel message carries the session token.
-const SECRET_BEARING_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
-
 fn init_logging() {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for target in SECRET_BEARING_TARGETS {
-        if let Ok(d) = format!("{target}=info").parse() {
-            filter = filter.add_directive(d);
-        }
-    }
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(bastion::logging::env_filter("RUST_LOG", "info"))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();

@@ -637,7 +637,8 @@ impl ProfileRuntime {
 
     /// What `bastionctl status` shows.
     pub fn status(&self) -> ProfileStatus {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        self.prune_ended(&mut inner);
         let first = inner.live.first();
         let stats: Vec<TunnelStats> = inner.live.iter().map(|l| l.tunnel.stats()).collect();
         let remote = match &self.profile.remote_host {
