@@ -263,6 +263,7 @@ fn local_name(name: &str) -> String {
 /// character references; comments, processing instructions and the declaration are
 /// skipped. Never panics.
 pub fn parse_xml(text: &str) -> Result<XmlElement, Ec2Error> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut reader = quick_xml::Reader::from_str(text);
     reader.config_mut().check_end_names = true;
     let mut stack: Vec<XmlElement> = Vec::new();
@@ -655,9 +656,9 @@ fn valid_region(region: &str) -> bool {
 pub struct Ec2Settings {
     /// TCP and TLS connection setup. Default 5 s.
     pub connect_timeout: Duration,
-    /// Longest wait for the next bytes of an answer. Default 20 s.
+    /// Longest wait for the next bytes of an answer. Default 10 s.
     pub read_timeout: Duration,
-    /// One attempt, from sending to the whole answer. Default 30 s.
+    /// One attempt, from sending to the whole answer. Default 15 s.
     pub attempt_timeout: Duration,
     /// Loading credentials (SSO refresh, `credential_process`). Default 30 s.
     pub credentials_timeout: Duration,
@@ -672,8 +673,8 @@ impl Default for Ec2Settings {
     fn default() -> Self {
         Ec2Settings {
             connect_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(20),
-            attempt_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(15),
             credentials_timeout: Duration::from_secs(30),
             max_attempts: 3,
             initial_backoff: Duration::from_millis(200),

@@ -347,6 +347,13 @@ fn xml_text_entities_cdata_and_prefixes() {
     assert_eq!(root.child_text("s"), Some("  spaced  "));
     assert_eq!(root.find("w").map(|w| w.name.as_str()), Some("w"));
     assert!(root.path(&["v", "nope"]).is_none());
+    // A byte order mark before the declaration.
+    assert_eq!(
+        parse_xml("\u{feff}<?xml version=\"1.0\"?><a/>")
+            .unwrap()
+            .name,
+        "a"
+    );
 }
 
 proptest! {
@@ -732,8 +739,11 @@ struct Seen {
     requests: Arc<Mutex<Vec<(http::HeaderMap, String)>>>,
 }
 
+/// What the fake endpoint answers: status and body, or `None` for never.
+type Answer = Option<(u16, String)>;
+
 /// Serves `answers` in turn (the last one repeats); `None` never answers.
-async fn fake_ec2(answers: Vec<Option<(u16, String)>>) -> (String, Seen) {
+async fn fake_ec2(answers: Vec<Answer>) -> (String, Seen) {
     use axum::extract::State;
     use axum::response::IntoResponse;
     let seen = Seen::default();
@@ -742,7 +752,7 @@ async fn fake_ec2(answers: Vec<Option<(u16, String)>>) -> (String, Seen) {
         .route(
             "/",
             axum::routing::post(
-                |State((seen, answers)): State<(Seen, Arc<Vec<Option<(u16, String)>>>)>,
+                |State((seen, answers)): State<(Seen, Arc<Vec<Answer>>)>,
                  headers: http::HeaderMap,
                  body: String| async move {
                     let n = {
