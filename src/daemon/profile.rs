@@ -133,10 +133,9 @@ fn describe_ec2_error(profile: &Profile, e: &crate::aws::ec2::Ec2Error) -> Strin
         }
     );
     match e {
-        Ec2Error::AccessDenied { .. } => format!(
-            "{what}: {e}; target_tags needs the IAM permission ec2:DescribeInstances \
-             (or name the instance id as target instead)"
-        ),
+        Ec2Error::AccessDenied { .. } => {
+            format!("{what}: {e} (or set `target` to the instance id instead of target_tags)")
+        }
         Ec2Error::Credentials(_) | Ec2Error::AuthFailure { .. } => match &profile.aws_profile {
             Some(p) => {
                 format!("{what}: {e}; if this profile uses SSO, run `aws sso login --profile {p}`")
