@@ -46,9 +46,11 @@ fn profile(name: &str, port: u16) -> String {
     )
 }
 
+/// A profile whose session start fails before any AWS call: the EC2 lookup of its
+/// `target_tags` refuses the malformed region.
 fn tagged_profile(name: &str, port: u16) -> String {
     format!(
-        "[profiles.{name}]\ntarget_tags = {{ Name = \"db\" }}\nlocal_port = {port}\nremote_port = 1\nbind = [\"127.0.0.1\"]\n\n"
+        "[profiles.{name}]\ntarget_tags = {{ Name = \"db\" }}\nregion = \"not a region\"\nlocal_port = {port}\nremote_port = 1\nbind = [\"127.0.0.1\"]\n\n"
     )
 }
 
@@ -233,7 +235,7 @@ async fn port_in_use_is_409() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_open_streams_ndjson_progress() {
-    // A tag-filter target fails before any AWS call, which exercises the whole stream.
+    // A session start that fails before any AWS call exercises the whole stream.
     let port = free_port();
     let server = Server::start(&tagged_profile("tagged", port)).await;
     let mut stream = server.client().open_warm("tagged").await.unwrap();
@@ -248,7 +250,7 @@ async fn warm_open_streams_ndjson_progress() {
     }
     assert_eq!(phases, ["listening", "starting_session", "failed"]);
     match last {
-        Some(OpenEvent::Error { error }) => assert_eq!(error.code, "unsupported"),
+        Some(OpenEvent::Error { error }) => assert_eq!(error.code, "ec2_lookup_failed"),
         other => panic!("expected a final error line, got {other:?}"),
     }
     // The raw wire format: content type and one JSON object per line.
@@ -266,7 +268,10 @@ async fn warm_open_streams_ndjson_progress() {
         "{text}"
     );
     assert!(text.contains(r#""phase":"starting_session""#), "{text}");
-    assert!(text.contains(r#"{"error":{"code":"unsupported""#), "{text}");
+    assert!(
+        text.contains(r#"{"error":{"code":"ec2_lookup_failed""#),
+        "{text}"
+    );
     // The listener stays open after a failed warm open; the next connection retries.
     let status = server.client().status("tagged").await.unwrap();
     assert_eq!(status.state, ProfileState::Error);
@@ -775,11 +780,14 @@ async fn bastionctl_warm_json_streams_events() {
         "{text}"
     );
     assert!(
-        matches!(events.last(), Some(OpenEvent::Error { error }) if error.code == "unsupported"),
+        matches!(events.last(), Some(OpenEvent::Error { error }) if error.code == "ec2_lookup_failed"),
         "{text}"
     );
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.starts_with("error: target_tags"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot resolve target_tags"),
+        "{stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1);
     // Human mode off a terminal: one line per phase on stderr.
     let out = bastionctl(&[

@@ -86,6 +86,16 @@ pub struct ProfileRuntime {
     connecting: AsyncMutex<()>,
     connections: AtomicUsize,
     total_connections: AtomicU64,
+    tags: Mutex<TagResolution>,
+}
+
+/// `target_tags` at run time.
+#[derive(Default)]
+struct TagResolution {
+    /// The EC2 client, created on first use.
+    ec2: Option<crate::aws::ec2::Ec2Api>,
+    /// The instance the tags last resolved to.
+    instance: Option<String>,
 }
 
 fn user_error(code: &str, message: impl Into<String>) -> ApiError {
@@ -106,6 +116,33 @@ fn describe_aws_error(profile: &Profile, e: &AwsError) -> String {
             None => format!("{e}; if you use SSO, run `aws sso login`"),
         },
         _ => e.to_string(),
+    }
+}
+
+/// At most this many tag-matched instances are tried when Session Manager reports the
+/// chosen one as not connected.
+const MAX_TAG_CANDIDATES: usize = 5;
+
+fn describe_ec2_error(profile: &Profile, e: &crate::aws::ec2::Ec2Error) -> String {
+    use crate::aws::ec2::Ec2Error;
+    let what = format!(
+        "cannot resolve target_tags ({}) with EC2 DescribeInstances",
+        match &profile.target {
+            Target::Tags(tags) => crate::aws::ec2::describe_tags(tags),
+            other => other.to_string(),
+        }
+    );
+    match e {
+        Ec2Error::AccessDenied { .. } => {
+            format!("{what}: {e} (or set `target` to the instance id instead of target_tags)")
+        }
+        Ec2Error::Credentials(_) | Ec2Error::AuthFailure { .. } => match &profile.aws_profile {
+            Some(p) => {
+                format!("{what}: {e}; if this profile uses SSO, run `aws sso login --profile {p}`")
+            }
+            None => format!("{what}: {e}; if you use SSO, run `aws sso login`"),
+        },
+        _ => format!("{what}: {e}"),
     }
 }
 
@@ -132,6 +169,7 @@ impl ProfileRuntime {
             connecting: AsyncMutex::new(()),
             connections: AtomicUsize::new(0),
             total_connections: AtomicU64::new(0),
+            tags: Mutex::default(),
         })
     }
 
@@ -142,6 +180,19 @@ impl ProfileRuntime {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tags(&self) -> std::sync::MutexGuard<'_, TagResolution> {
+        self.tags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The target as status shows it: for `target_tags`, with the instance they last
+    /// resolved to (`tags:Name=bastion → i-0123…`).
+    fn target_desc(&self) -> String {
+        match (&self.profile.target, &self.tags().instance) {
+            (Target::Tags(_), Some(id)) => format!("{} → {id}", self.profile.target),
+            (t, _) => t.to_string(),
+        }
     }
 
     /// Opens the listeners (idempotent). With `warm`, also starts the session now,
@@ -460,6 +511,103 @@ impl ProfileRuntime {
         self.forget_tunnel_locked(&mut inner, tunnel);
     }
 
+    /// The profile's EC2 client, created on first use from the same AWS settings as its
+    /// SSM client.
+    async fn ec2_api(&self) -> Result<crate::aws::ec2::Ec2Api, ApiError> {
+        let cached = self.tags().ec2.clone();
+        if let Some(api) = cached {
+            return Ok(api);
+        }
+        let target = crate::aws::ssm::AwsTarget {
+            profile: self.profile.aws_profile.clone(),
+            region: self.profile.region.clone(),
+            imds: self.profile.imds,
+        };
+        let config = crate::aws::ssm::load_config(&target).await;
+        let api = crate::aws::ec2::Ec2Api::new(&config)
+            .map_err(|e| user_error("ec2_lookup_failed", describe_ec2_error(&self.profile, &e)))?;
+        self.tags().ec2 = Some(api.clone());
+        Ok(api)
+    }
+
+    /// `target_tags`: DescribeInstances for the running instances that carry every tag,
+    /// then StartSession on the most recently launched one; while Session Manager answers
+    /// TargetNotConnected (an instance still booting, or without a working agent), the
+    /// next one in launch order is tried, up to [`MAX_TAG_CANDIDATES`].
+    async fn start_session_by_tags(
+        &self,
+        api: &SsmApi,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> Result<crate::transport::ssm::SessionTicket, ApiError> {
+        let wanted = crate::aws::ec2::describe_tags(tags);
+        let ec2 = self.ec2_api().await?;
+        let found = match ec2.running_instances_with_tags(tags).await {
+            Ok(found) => found,
+            Err(e) => {
+                self.tags().instance = None;
+                return Err(user_error(
+                    "ec2_lookup_failed",
+                    describe_ec2_error(&self.profile, &e),
+                ));
+            }
+        };
+        if found.is_empty() {
+            self.tags().instance = None;
+            return Err(user_error(
+                "no_matching_instance",
+                format!(
+                    "no running instance has tags {wanted} in region {} (target_tags matches \
+                     instances in state running that carry every listed tag with exactly that value)",
+                    ec2.region()
+                ),
+            ));
+        }
+        if found.len() > 1 {
+            let ids: Vec<&str> = found.iter().map(|i| i.id.as_str()).collect();
+            info!(profile = %self.profile.name, tags = %wanted, candidates = %ids.join(" "),
+                "target_tags matched {} running instances; trying the most recently launched first",
+                found.len());
+        }
+        let mut not_connected = Vec::new();
+        for instance in found.iter().take(MAX_TAG_CANDIDATES) {
+            match api
+                .start_session(&self.start_request(instance.id.clone()))
+                .await
+            {
+                Ok(ticket) => {
+                    info!(profile = %self.profile.name, tags = %wanted, instance = %instance.id,
+                        launched = %instance.launch_time_text(), "target_tags resolved");
+                    self.tags().instance = Some(instance.id.clone());
+                    return Ok(ticket);
+                }
+                Err(AwsError::TargetNotConnected(m)) => {
+                    warn!(profile = %self.profile.name, instance = %instance.id, reason = %m,
+                        "tag-matched instance not connected to Session Manager; trying the next one");
+                    not_connected.push(instance.id.clone());
+                }
+                Err(e) => {
+                    return Err(user_error(
+                        "start_session_failed",
+                        format!(
+                            "{} (instance {} chosen by tags {wanted})",
+                            describe_aws_error(&self.profile, &e),
+                            instance.id
+                        ),
+                    ));
+                }
+            }
+        }
+        self.tags().instance = None;
+        Err(user_error(
+            "start_session_failed",
+            format!(
+                "no instance with tags {wanted} is connected to Session Manager (tried {}); \
+                 is the SSM agent running on them, and can it reach the SSM endpoints?",
+                not_connected.join(", ")
+            ),
+        ))
+    }
+
     fn start_request(&self, target: String) -> StartRequest {
         let mut parameters = HashMap::new();
         parameters.insert(
@@ -481,25 +629,19 @@ impl ProfileRuntime {
     }
 
     async fn start_tunnel(&self) -> Result<Tunnel, ApiError> {
-        let target = match &self.profile.target {
-            Target::Instance(t) | Target::Ecs(t) => t.clone(),
-            Target::Tags(_) => {
-                return Err(user_error(
-                    "unsupported",
-                    "target_tags needs the EC2 lookup, which this build does not include yet; use an instance id",
-                ));
-            }
-        };
         let api = (self.api)(&self.profile).await;
-        let ticket = api
-            .start_session(&self.start_request(target))
-            .await
-            .map_err(|e| {
-                user_error(
-                    "start_session_failed",
-                    describe_aws_error(&self.profile, &e),
-                )
-            })?;
+        let ticket = match &self.profile.target {
+            Target::Instance(t) | Target::Ecs(t) => api
+                .start_session(&self.start_request(t.clone()))
+                .await
+                .map_err(|e| {
+                    user_error(
+                        "start_session_failed",
+                        describe_aws_error(&self.profile, &e),
+                    )
+                })?,
+            Target::Tags(tags) => self.start_session_by_tags(&api, tags).await?,
+        };
         info!(profile = %self.profile.name, session_id = %ticket.session_id, "session started");
         let session_id = ticket.session_id.clone();
         let resume_api = api.clone();
@@ -654,7 +796,7 @@ impl ProfileRuntime {
                 inner.state
             },
             listen: inner.listen_desc.clone(),
-            target: self.profile.target.to_string(),
+            target: self.target_desc(),
             remote,
             session_id: first.map(|l| l.tunnel.session_id().to_owned()),
             sessions: inner

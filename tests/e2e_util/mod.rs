@@ -174,8 +174,15 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Starts `bastiond run` with `config` (TOML text), AWS pointed at `endpoint`.
+    /// Starts `bastiond run` with `config` (TOML text), AWS pointed at `endpoint`, at
+    /// `RUST_LOG=debug`.
     pub fn start(config: &str, endpoint: &str) -> DaemonProcess {
+        Self::start_with_env(config, endpoint, &[])
+    }
+
+    /// Like [`DaemonProcess::start`], with extra environment variables (which override
+    /// the defaults, e.g. `("RUST_LOG", "trace")`). Stdout is kept in `stdout.log`.
+    pub fn start_with_env(config: &str, endpoint: &str, env: &[(&str, &str)]) -> DaemonProcess {
         let dir =
             std::env::temp_dir().join(format!("bastion-d-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("daemon dir");
@@ -195,7 +202,8 @@ impl DaemonProcess {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "debug")
             .env_remove("AWS_PROFILE")
-            .stdout(Stdio::null())
+            .envs(env.iter().copied())
+            .stdout(std::fs::File::create(dir.join("stdout.log")).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn bastiond");
@@ -219,6 +227,11 @@ impl DaemonProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the daemon wrote to stdout.
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
     }
 
     /// Runs `bastionctl --socket S ARGS` and returns (exit code, stdout, stderr).
