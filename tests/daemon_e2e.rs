@@ -9,43 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bastion::sim::{SimConfig, SimHandle, Simulator};
-use e2e_util::{DaemonProcess, PgServer, free_port};
+use e2e_util::{DaemonProcess, PgServer, assert_no_violations, free_port, profile, wait_listening};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn sim(config: SimConfig) -> SimHandle {
     Simulator::bind(config).await.expect("sim bind").spawn()
-}
-
-fn profile(name: &str, remote_port: u16, local_port: u16) -> String {
-    format!(
-        "[profiles.{name}]\ntarget = \"i-0123456789abcdef0\"\nremote_host = \"127.0.0.1\"\n\
-         remote_port = {remote_port}\nlocal_port = {local_port}\nbind = [\"127.0.0.1\"]\nautostart = true\n"
-    )
-}
-
-/// Waits until the daemon listens on `port`.
-fn wait_listening(port: u16, d: &DaemonProcess) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon never listened on {port}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn assert_no_violations(sim: &SimHandle) {
-    for s in sim.sessions() {
-        assert!(
-            s.violations.is_empty(),
-            "session {} violations: {:?}",
-            s.session_id,
-            s.violations
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
