@@ -199,13 +199,17 @@ impl MariaDbServer {
             std::process::id(),
             free_port()
         ));
-        std::fs::create_dir_all(&dir).expect("mariadb dir");
+        // Its own tmpdir: a starting mariadbd (mariadb-install-db runs one) deletes every
+        // `#sql*` file in its tmpdir, including the temporary tables of other servers
+        // that share /tmp, and so makes concurrent installs fail at random.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("mariadb dir");
         // As root the server runs as `mysql` (mariadbd refuses root without --user);
         // otherwise as the current user.
         let mut user_arg = Vec::new();
         if is_root() {
             let ok = Command::new("chown")
-                .args(["mysql:", dir.to_str().unwrap_or_default()])
+                .args(["-R", "mysql:", dir.to_str().unwrap_or_default()])
                 .status()
                 .is_ok_and(|s| s.success());
             assert!(
@@ -219,6 +223,7 @@ impl MariaDbServer {
             .arg("--no-defaults")
             .args(&user_arg)
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
             .output()
             .expect("run mariadb-install-db");
@@ -234,6 +239,7 @@ impl MariaDbServer {
             .arg("--no-defaults")
             .args(&user_arg)
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", dir.join("sock").display()))
