@@ -12,10 +12,16 @@ command -v go >/dev/null 2>&1 || packages+=(golang-go)
 # A real PostgreSQL server and psql: the end-to-end tests tunnel queries to it.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
 command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
-# moto_server (PyPI) in a venv: the EC2 endpoint of tests/sim_ec2.rs. Debian's python3
-# needs python3-venv for `python3 -m venv`.
+# A real MariaDB server and the mariadb client: tests/mariadb_e2e.rs tunnels to it.
+# (mariadbd lives in /usr/sbin, which is not on every user's PATH.)
+{ command -v mariadbd || [ -x /usr/sbin/mariadbd ]; } >/dev/null 2>&1 || packages+=(mariadb-server)
+command -v mariadb >/dev/null 2>&1 || packages+=(mariadb-client)
+# moto_server and awscli v1 (PyPI) in a venv: the EC2 endpoint of tests/sim_ec2.rs, and
+# the `aws ssm start-session` that spawns our plugin drop-in in tests/awscli_dropin.rs.
+# Debian's python3 needs python3-venv for `python3 -m venv`.
 venv="${BASTION_TEST_VENV:-target/test-venv}"
-if [ ! -x "$venv/bin/moto_server" ]; then
+venv_ready() { [ -x "$venv/bin/moto_server" ] && [ -x "$venv/bin/aws" ]; }
+if ! venv_ready; then
   command -v python3 >/dev/null 2>&1 || packages+=(python3)
   python3 -m venv --help >/dev/null 2>&1 || packages+=(python3-venv)
 fi
@@ -27,9 +33,11 @@ if [ ${#packages[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}"
 fi
 
-if [ ! -x "$venv/bin/moto_server" ]; then
-  echo "installing moto[server] into $venv"
-  if ! python3 -m venv "$venv"; then
+if ! venv_ready; then
+  echo "installing moto[server] and awscli into $venv"
+  if [ -x "$venv/bin/pip" ]; then
+    : # the venv exists (e.g. from an older version of this script): add what is missing
+  elif ! python3 -m venv "$venv"; then
     # Debian: `venv --help` works without python3-venv, but creating one needs ensurepip.
     rm -rf "$venv"
     sudo=""
@@ -38,7 +46,7 @@ if [ ! -x "$venv/bin/moto_server" ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install -q 'moto[server]'
+  "$venv/bin/pip" install -q 'moto[server]' awscli
 fi
 
 # --- checks ---------------------------------------------------------------------------

@@ -3,49 +3,20 @@
 //! and real clients (psql, tokio-postgres, bastionctl).
 
 mod e2e_util;
+mod sim_util;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bastion::sim::{SimConfig, SimHandle, Simulator};
-use e2e_util::{DaemonProcess, PgServer, free_port};
+use e2e_util::{DaemonProcess, PgServer, assert_no_violations, free_port, profile, wait_listening};
 use sha2::{Digest, Sha256};
+use sim_util::TokenSnoop;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn sim(config: SimConfig) -> SimHandle {
     Simulator::bind(config).await.expect("sim bind").spawn()
-}
-
-fn profile(name: &str, remote_port: u16, local_port: u16) -> String {
-    format!(
-        "[profiles.{name}]\ntarget = \"i-0123456789abcdef0\"\nremote_host = \"127.0.0.1\"\n\
-         remote_port = {remote_port}\nlocal_port = {local_port}\nbind = [\"127.0.0.1\"]\nautostart = true\n"
-    )
-}
-
-/// Waits until the daemon listens on `port`.
-fn wait_listening(port: u16, d: &DaemonProcess) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon never listened on {port}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn assert_no_violations(sim: &SimHandle) {
-    for s in sim.sessions() {
-        assert!(
-            s.violations.is_empty(),
-            "session {} violations: {:?}",
-            s.session_id,
-            s.violations
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -481,4 +452,91 @@ async fn a_client_that_half_closes_still_gets_the_whole_reply() {
     assert_eq!(got.len(), 4 * 1024 * 1024, "{}", d.log_text());
     assert_eq!(Sha256::digest(&got), want);
     assert_no_violations(&sim);
+}
+
+/// Runs the daemon at `rust_log` through a session start, a websocket cut and resume (a
+/// second token), more traffic and SIGTERM, with the simulator behind a relay that
+/// records every token it issues; no such token may appear in anything the daemon wrote.
+async fn no_token_is_logged_at(rust_log: &str) {
+    let pg = PgServer::start();
+    let sim = sim(SimConfig::default()).await;
+    let snoop = TokenSnoop::start(sim.local_addr()).await;
+    // Cut the first websocket once some traffic went through it: the daemon resumes.
+    sim.update_faults(|f| {
+        f.cut_after_bytes = Some(64 * 1024);
+        f.max_cuts = Some(1);
+    })
+    .unwrap();
+    let local = free_port();
+    let mut d = DaemonProcess::start_with_env(
+        &profile("pg", pg.port, local),
+        &snoop.endpoint_url(),
+        &[("RUST_LOG", rust_log)],
+    );
+    wait_listening(local, &d);
+    assert_eq!(PgServer::psql(local, "select 1"), "1");
+    // Enough rows to pass the cut; each query still completes, over the resumed channel.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut round = 0;
+    loop {
+        round += 1;
+        let out = PgServer::psql(
+            local,
+            &format!("select {round} + count(*) from generate_series(1, 20000) g, md5(g::text) m"),
+        );
+        assert_eq!(out, (20_000 + round).to_string());
+        let (_, out, _) = d.ctl(&["--json", "status", "pg"]);
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if status["resumes"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resume after {round} rounds: {status}"
+        );
+    }
+    let data = PgServer::psql(
+        local,
+        "select string_agg(md5(g::text), '' order by g) from generate_series(1, 2000) g",
+    );
+    assert_eq!(data.len(), 64_000);
+
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let sessions = sim.sessions();
+    assert!(!sessions.is_empty());
+    for s in &sessions {
+        e2e_util::wait_terminated(&sim, &s.session_id).await;
+    }
+    let session_id = sessions[0].session_id.clone();
+    assert_no_violations(&sim);
+
+    let tokens = snoop.tokens();
+    assert!(
+        tokens.len() >= 2,
+        "the relay saw the StartSession and ResumeSession tokens: {}",
+        tokens.len()
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains(" TRACE "),
+        "the log was captured at trace level"
+    );
+    assert!(log.contains(&session_id), "the log names the session");
+    assert!(log.contains("data channel resumed"), "the resume is logged");
+    sim_util::assert_no_token_in(&tokens, "daemon's log (stderr)", &log);
+    sim_util::assert_no_token_in(&tokens, "daemon's stdout", &d.stdout_text());
+    assert!(!log.contains("TokenValue"), "a token field reached the log");
+    assert!(
+        !log.contains("MessageSchemaVersion"),
+        "the OpenDataChannel message reached the log"
+    );
+}
+
+/// Plain `RUST_LOG=trace`, the most the daemon logs. At TRACE, aws_smithy_runtime logs
+/// the StartSession / ResumeSession response bodies and outputs (with TokenValue) and
+/// tungstenite every frame; `bastion::logging` caps both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_token_is_logged_at_trace_level_through_start_resume_and_shutdown() {
+    no_token_is_logged_at("trace").await;
 }

@@ -226,3 +226,149 @@ async fn env_indirection_and_non_port_document() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs the drop-in at `BASTION_LOG=level` through a session start, a websocket cut and
+/// resume (ResumeSession through the endpoint argument), an echo and SIGTERM, with the
+/// simulator behind a relay that records every token it issues; no such token may
+/// appear in the plugin's stdout or stderr.
+async fn plugin_logs_no_token_at(level: &str) {
+    let sim = sim_util::start_default().await;
+    let snoop = sim_util::TokenSnoop::start(sim.local_addr()).await;
+    sim.update_faults(|f| {
+        f.cut_after_bytes = Some(64 * 1024);
+        f.max_cuts = Some(1);
+    })
+    .unwrap();
+    let echo = sim_util::echo_server().await;
+    let request = json!({
+        "Target": "i-0123456789abcdef0",
+        "DocumentName": "AWS-StartPortForwardingSessionToRemoteHost",
+        "Parameters": {
+            "host": ["127.0.0.1"],
+            "portNumber": [echo.to_string()],
+            "localPortNumber": ["0"],
+        },
+    });
+    let r = sim_util::ssm(snoop.addr, "StartSession", request.clone()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let session_id = r.json()["SessionId"].as_str().unwrap().to_owned();
+    let mut child = plugin_command()
+        .env("BASTION_LOG", level)
+        .env(
+            "AWS_SSM_START_SESSION_RESPONSE",
+            String::from_utf8(r.body.clone()).unwrap(),
+        )
+        .args([
+            "session-manager-plugin",
+            "AWS_SSM_START_SESSION_RESPONSE",
+            "us-east-1",
+            "StartSession",
+            "",
+            &request.to_string(),
+            &snoop.endpoint_url(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain stderr at once: at trace level it is large.
+    let mut err_pipe = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = err_pipe.read_to_end(&mut buf).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stdout = String::new();
+    let port: u16 = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            stdout.push_str(&line);
+            stdout.push('\n');
+            if let Some(rest) = line.strip_prefix("Port ") {
+                return rest.split_once(' ').unwrap().0.parse().unwrap();
+            }
+        }
+        panic!("plugin stdout ended: {stdout}");
+    })
+    .await
+    .expect("no 'Port N opened' line within 30 s");
+
+    // 256 KiB each way: past the cut, so the plugin resumes mid-transfer.
+    let mut data = vec![0u8; 256 * 1024];
+    fastrand::fill(&mut data);
+    let conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut r, mut w) = conn.into_split();
+    let want = Sha256::digest(&data);
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w
+    });
+    let mut got = vec![0u8; 256 * 1024];
+    tokio::time::timeout(Duration::from_secs(60), r.read_exact(&mut got))
+        .await
+        .expect("echo within 60 s")
+        .unwrap();
+    drop(writer.await.unwrap());
+    assert_eq!(Sha256::digest(&got), want);
+    let counters = sim.session(&session_id).unwrap().counters;
+    assert!(counters.connections >= 2, "no resume: {counters:?}");
+
+    let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("plugin did not exit after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
+    {
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let stderr = tokio::time::timeout(Duration::from_secs(10), stderr)
+        .await
+        .expect("stderr closes")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim.session(&session_id).expect("session").status != "Terminated" {
+        assert!(Instant::now() < deadline, "session not terminated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+
+    let tokens = snoop.tokens();
+    assert!(
+        tokens.len() >= 2,
+        "the relay saw the StartSession and ResumeSession tokens: {}",
+        tokens.len()
+    );
+    assert!(
+        stdout.contains(&format!("Exiting session with sessionId: {session_id}.")),
+        "{stdout}"
+    );
+    let level_word = level.split(',').next().unwrap().to_uppercase();
+    assert!(
+        stderr.contains(&level_word),
+        "no {level_word} line: the log was not captured at {level}"
+    );
+    sim_util::assert_no_token_in(&tokens, "plugin's stdout", &stdout);
+    sim_util::assert_no_token_in(&tokens, "plugin's stderr", &stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugin_logs_no_token_at_info_level() {
+    plugin_logs_no_token_at("info").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugin_logs_no_token_at_debug_level() {
+    plugin_logs_no_token_at("debug").await;
+}
+
+/// Plain `BASTION_LOG=trace`: tungstenite logs every frame (the OpenDataChannel one has
+/// the token) and aws_smithy_runtime the ResumeSession body; `bastion::logging` caps both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugin_logs_no_token_at_trace_level() {
+    plugin_logs_no_token_at("trace").await;
+}

@@ -1,4 +1,4 @@
-//! End-to-end harness: a throwaway PostgreSQL server, the simulator, and a real
+//! End-to-end harness: throwaway PostgreSQL and MariaDB servers, the simulator, and a real
 //! `bastiond run` process pointed at the simulator through the standard
 //! `AWS_ENDPOINT_URL_SSM` setting.
 #![allow(dead_code)]
@@ -162,6 +162,239 @@ impl Drop for PgServer {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A MariaDB server or client tool (`mariadbd` lives in /usr/sbin on Debian, which is
+/// not on every user's PATH).
+fn mariadb_bin(name: &str) -> PathBuf {
+    find_tool(name).unwrap_or_else(|| {
+        panic!(
+            "MariaDB tool {name} not found: run ./scripts/test.sh (it installs mariadb-server \
+             and mariadb-client), or `sudo apt-get install mariadb-server mariadb-client`"
+        )
+    })
+}
+
+/// A throwaway MariaDB server in a temporary directory, on a free port of 127.0.0.1
+/// (user `root`, no password), shut down on drop.
+pub struct MariaDbServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl MariaDbServer {
+    pub fn start() -> MariaDbServer {
+        let dir = std::env::temp_dir().join(format!(
+            "bastion-mariadb-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        // Its own tmpdir: a starting mariadbd (mariadb-install-db runs one) deletes every
+        // `#sql*` file in its tmpdir, including the temporary tables of other servers
+        // that share /tmp, and so makes concurrent installs fail at random.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("mariadb dir");
+        // As root the server runs as `mysql` (mariadbd refuses root without --user);
+        // otherwise as the current user.
+        let mut user_arg = Vec::new();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "mysql:", dir.to_str().unwrap_or_default()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok,
+                "chown of the MariaDB directory failed (is there a mysql user?)"
+            );
+            user_arg.push("--user=mysql".to_owned());
+        }
+        let data = dir.join("data");
+        let out = Command::new(mariadb_bin("mariadb-install-db"))
+            .arg("--no-defaults")
+            .args(&user_arg)
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .output()
+            .expect("run mariadb-install-db");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let err_log = dir.join("err.log");
+        let child = Command::new(mariadb_bin("mariadbd"))
+            .arg("--no-defaults")
+            .args(&user_arg)
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--socket={}", dir.join("sock").display()))
+            .arg(format!("--pid-file={}", dir.join("pid").display()))
+            .arg(format!("--log-error={}", err_log.display()))
+            .args([
+                "--skip-log-bin",
+                "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-buffer-pool-size=64M",
+                "--max-connections=200",
+                "--max-allowed-packet=64M",
+                "--local-infile=1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mariadbd");
+        let mut server = MariaDbServer { port, dir, child };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "mariadbd exited ({status}) before answering; its log:\n{}",
+                    std::fs::read_to_string(&err_log).unwrap_or_default()
+                );
+            }
+            let ping = Command::new(mariadb_bin("mariadb-admin"))
+                .args(["--no-defaults", "--protocol=TCP", "-h127.0.0.1", "-uroot"])
+                .arg(format!("-P{port}"))
+                .arg("ping")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ping {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd did not answer on 127.0.0.1:{port} within 60 s; its log:\n{}",
+                std::fs::read_to_string(&err_log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `mariadb` client against 127.0.0.1:`port` (the server's or a tunnel's), as
+    /// root, batch mode without column names; add `-e SQL` or stdin.
+    pub fn client(port: u16) -> Command {
+        let mut c = Command::new(mariadb_bin("mariadb"));
+        c.args([
+            "--no-defaults",
+            "--protocol=TCP",
+            "-h127.0.0.1",
+            "-uroot",
+            "--batch",
+            "--skip-column-names",
+            "--default-character-set=utf8mb4",
+            "--connect-timeout=20",
+        ])
+        .arg(format!("-P{port}"));
+        c
+    }
+
+    /// Runs `mariadb -e SQL` against `port` and returns stdout (trailing newline trimmed).
+    pub fn query(port: u16, sql: &str) -> String {
+        let out = Self::client(port)
+            .args(["-e", sql])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mariadb");
+        assert!(
+            out.status.success(),
+            "mariadb failed on port {port} ({sql}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_owned()
+    }
+}
+
+impl Drop for MariaDbServer {
+    fn drop(&mut self) {
+        let _ = Command::new(mariadb_bin("mariadb-admin"))
+            .args(["--no-defaults", "--protocol=TCP", "-h127.0.0.1", "-uroot"])
+            .arg(format!("-P{}", self.port))
+            .args(["--shutdown-timeout=10", "shutdown"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A daemon profile (TOML) forwarding `127.0.0.1:local_port` to `127.0.0.1:remote_port`
+/// through instance `i-0123456789abcdef0`, listening from the start.
+pub fn profile(name: &str, remote_port: u16, local_port: u16) -> String {
+    format!(
+        "[profiles.{name}]\ntarget = \"i-0123456789abcdef0\"\nremote_host = \"127.0.0.1\"\n\
+         remote_port = {remote_port}\nlocal_port = {local_port}\nbind = [\"127.0.0.1\"]\nautostart = true\n"
+    )
+}
+
+/// Waits until the daemon listens on `port`.
+pub fn wait_listening(port: u16, d: &DaemonProcess) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "daemon never listened on {port}; log:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts that the simulator saw no protocol violation in any session.
+pub fn assert_no_violations(sim: &bastion::sim::SimHandle) {
+    for s in sim.sessions() {
+        assert!(
+            s.violations.is_empty(),
+            "session {} violations: {:?}",
+            s.session_id,
+            s.violations
+        );
+    }
+}
+
+/// Waits until the simulator reports session `id` Terminated.
+pub async fn wait_terminated(sim: &bastion::sim::SimHandle, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = sim.session(id).map(|s| s.status).unwrap_or_default();
+        if status == "Terminated" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session {id} not terminated: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -267,6 +267,108 @@ pub async fn echo_server() -> u16 {
 }
 
 // ---------------------------------------------------------------------------------------
+// Token-recording relay
+
+/// A TCP relay in front of the simulator that records every `TokenValue` the simulator
+/// hands out (StartSession and ResumeSession answers pass through it; so does the data
+/// channel, whose StreamUrl names the relay because it follows the request's Host).
+pub struct TokenSnoop {
+    pub addr: std::net::SocketAddr,
+    tokens: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl TokenSnoop {
+    pub async fn start(upstream: std::net::SocketAddr) -> TokenSnoop {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tokens = std::sync::Arc::new(std::sync::Mutex::new(
+            std::collections::BTreeSet::<String>::new(),
+        ));
+        let found = tokens.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let found = found.clone();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                    let _ = uw.shutdown().await;
+                });
+                tokio::spawn(async move {
+                    const KEY: &[u8] = b"\"TokenValue\":\"";
+                    let mut window: Vec<u8> = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        window.extend_from_slice(&buf[..n]);
+                        let mut i = 0;
+                        while let Some(p) = window[i..].windows(KEY.len()).position(|w| w == KEY) {
+                            let start = i + p + KEY.len();
+                            match window[start..].iter().position(|&b| b == b'"') {
+                                Some(len) => {
+                                    found.lock().unwrap().insert(
+                                        String::from_utf8_lossy(&window[start..start + len])
+                                            .into_owned(),
+                                    );
+                                    i = start + len;
+                                }
+                                None => break,
+                            }
+                        }
+                        // Keep enough of the tail for a match split across reads.
+                        let keep = window.len().min(512);
+                        window.drain(..window.len() - keep);
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        TokenSnoop { addr, tokens }
+    }
+
+    pub fn endpoint_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every token seen so far, sorted.
+    pub fn tokens(&self) -> Vec<String> {
+        self.tokens.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+/// Panics when `text` (what a process wrote to `what`) holds one of `tokens`, or the
+/// second half of one (a token split across lines or escaped). The message shows the
+/// offending line with the token masked.
+pub fn assert_no_token_in(tokens: &[String], what: &str, text: &str) {
+    for (i, token) in tokens.iter().enumerate() {
+        assert!(token.len() >= 20, "odd token {i}: {} chars", token.len());
+        let half = &token[token.len() / 2..];
+        if let Some(at) = text.find(half) {
+            let line_start = text[..at].rfind('\n').map_or(0, |p| p + 1);
+            let line_end = text[at..].find('\n').map_or(text.len(), |p| at + p);
+            let line = text[line_start..line_end]
+                .replace(token.as_str(), "<TOKEN>")
+                .replace(half, "<HALF-TOKEN>");
+            panic!(
+                "token {i} of {} appears in the {what} ({} bytes) at {at}: {}",
+                tokens.len(),
+                text.len(),
+                &line[..line.len().min(1500)]
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Hand-built data-channel client
 
 pub fn now_ms() -> u64 {
