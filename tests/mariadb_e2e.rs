@@ -39,12 +39,20 @@ fn md5_hex(data: &[u8]) -> String {
     hex.split_whitespace().next().unwrap().to_owned()
 }
 
+/// These tests count sessions: one per profile (striping is tested in resilience.rs).
+fn one_session(profile: String) -> String {
+    profile + "max_sessions = 1\n"
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mariadb_cli_creates_inserts_and_selects_through_the_tunnel() {
     let maria = MariaDbServer::start();
     let sim = sim(SimConfig::default()).await;
     let local = free_port();
-    let d = DaemonProcess::start(&profile("maria", maria.port, local), &sim.endpoint_url());
+    let d = DaemonProcess::start(
+        &one_session(profile("maria", maria.port, local)),
+        &sim.endpoint_url(),
+    );
     wait_listening(local, &d);
 
     let out = tokio::task::spawn_blocking(move || {
@@ -116,7 +124,10 @@ async fn twenty_concurrent_mariadb_clients_on_one_profile() {
     let maria = MariaDbServer::start();
     let sim = sim(SimConfig::default()).await;
     let local = free_port();
-    let d = DaemonProcess::start(&profile("maria", maria.port, local), &sim.endpoint_url());
+    let d = DaemonProcess::start(
+        &one_session(profile("maria", maria.port, local)),
+        &sim.endpoint_url(),
+    );
     wait_listening(local, &d);
     MariaDbServer::query(
         local,
@@ -203,7 +214,10 @@ async fn load_data_and_select_of_8_mib_keep_every_byte() {
     })
     .await;
     let local = free_port();
-    let d = DaemonProcess::start(&profile("maria", maria.port, local), &sim.endpoint_url());
+    let d = DaemonProcess::start(
+        &one_session(profile("maria", maria.port, local)),
+        &sim.endpoint_url(),
+    );
     wait_listening(local, &d);
 
     let lines = (8 << 20) / 65 + 1;
@@ -300,8 +314,8 @@ async fn postgres_and_mariadb_profiles_open_at_once_in_one_daemon() {
     let (pg_local, maria_local) = (free_port(), free_port());
     let config = format!(
         "{}{}",
-        profile("pg", pg.port, pg_local),
-        profile("maria", maria.port, maria_local)
+        one_session(profile("pg", pg.port, pg_local)),
+        one_session(profile("maria", maria.port, maria_local))
     );
     let d = DaemonProcess::start(&config, &sim.endpoint_url());
     wait_listening(pg_local, &d);
