@@ -105,6 +105,12 @@ async fn echo_round_trip(local: u16, data: &[u8]) -> Duration {
     started.elapsed()
 }
 
+/// The last 150 lines of a log.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(150)..].join("\n")
+}
+
 fn status(d: &DaemonProcess, name: &str) -> serde_json::Value {
     let (_, out, err) = d.ctl(&["--json", "status", name]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"))
@@ -115,36 +121,123 @@ fn assert_no_violations(sim: &SimHandle) {
     assert!(v.is_empty(), "protocol violations: {v:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn websocket_cut_every_4_mib_during_256_mib_each_way() {
-    let sim = sim(SimConfig {
-        agent_pacing: Duration::ZERO,
+/// A server that reads an 8-byte big-endian length, then that many bytes, and answers
+/// their SHA-256 (a length prefix, not EOF: the agent turns a FIN into a full close).
+async fn digest_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(len) = c.read_u64().await else { return };
+                let mut hasher = Sha256::new();
+                let mut left = len as usize;
+                let mut buf = vec![0u8; 256 * 1024];
+                while left > 0 {
+                    let want = left.min(buf.len());
+                    match c.read(&mut buf[..want]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            hasher.update(&buf[..n]);
+                            left -= n;
+                        }
+                    }
+                }
+                let _ = c.write_all(&hasher.finalize()).await;
+            });
+        }
+    });
+    port
+}
+
+/// The cut knob: the simulator drops a websocket abruptly after every 4 MiB through it.
+fn cut_every_4_mib(pacing: Duration) -> SimConfig {
+    SimConfig {
+        agent_pacing: pacing,
         faults: Faults {
             cut_after_bytes: Some(4 << 20),
             ..Faults::default()
         },
         ..SimConfig::default()
-    })
-    .await;
-    let echo = echo_server().await;
-    let local = free_port();
-    let d = DaemonProcess::start(&profile("cut", echo, local, ""), &sim.endpoint_url());
-    wait_listening(local, &d).await;
-    let data = pattern(256 << 20, 1);
-    let took = echo_round_trip(local, &data).await;
-    let s = status(&d, "cut");
+    }
+}
+
+fn resumes_all_first_time(d: &DaemonProcess, name: &str, at_least: u64) -> u64 {
+    let s = status(d, name);
     let resumes = s["resumes"].as_u64().unwrap();
-    eprintln!("256 MiB each way with a cut every 4 MiB: {took:?}, {resumes} resumes");
-    assert!(
-        resumes >= 100,
-        "512 MiB through 4 MiB websockets: {resumes} resumes; {s}"
-    );
+    assert!(resumes >= at_least, "{resumes} resumes; {s}");
     assert_eq!(
         s["resume_attempts"].as_u64(),
         Some(resumes),
         "every resume worked at once"
     );
+    resumes
+}
+
+/// Upload: what bastion retransmits itself after each resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_cut_every_4_mib_during_a_256_mib_upload() {
+    let sim = sim(cut_every_4_mib(Duration::ZERO)).await;
+    let server = digest_server().await;
+    let local = free_port();
+    let d = DaemonProcess::start(
+        &profile("cut_up", server, local, "max_sessions = 1\n"),
+        &sim.endpoint_url(),
+    );
+    wait_listening(local, &d).await;
+    let len = 256usize << 20;
+    let block = pattern(1 << 20, 3);
+    let started = Instant::now();
+    let mut c = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    c.write_u64(len as u64).await.unwrap();
+    let mut want = Sha256::new();
+    for _ in 0..len >> 20 {
+        c.write_all(&block)
+            .await
+            .expect("the connection stays open");
+        want.update(&block);
+    }
+    let mut got = [0u8; 32];
+    c.read_exact(&mut got).await.expect("the digest comes back");
+    let took = started.elapsed();
+    assert_eq!(&got[..], &want.finalize()[..], "SHA-256 of what arrived");
+    let resumes = resumes_all_first_time(&d, "cut_up", 60);
+    eprintln!("256 MiB up, a cut every 4 MiB: {took:?}, {resumes} resumes");
     assert_eq!(sim.sessions().len(), 1, "one session throughout");
+    assert_no_violations(&sim);
+}
+
+/// Download and both ways at once, with the agent's own pacing. After a cut the agent
+/// resends only its oldest unacknowledged message, once per retransmission timeout
+/// (at least 100 ms, [A] fn `ResendStreamDataMessageScheduler`), so what was in flight
+/// when the websocket dropped comes back slowly: this measures bastion's side of that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_cut_every_4_mib_during_a_download_and_an_echo() {
+    let sim = sim(cut_every_4_mib(Duration::from_millis(1))).await;
+    let source = source_server(16 << 20).await;
+    let echo = echo_server().await;
+    let (down, both) = (free_port(), free_port());
+    let config = format!(
+        "{}{}",
+        profile("cut_down", source, down, "max_sessions = 1\n"),
+        profile("cut_both", echo, both, "max_sessions = 1\n"),
+    );
+    let d = DaemonProcess::start(&config, &sim.endpoint_url());
+    wait_listening(down, &d).await;
+    wait_listening(both, &d).await;
+    let started = Instant::now();
+    let mut c = TcpStream::connect(("127.0.0.1", down)).await.unwrap();
+    let mut got = Vec::with_capacity(16 << 20);
+    c.read_to_end(&mut got).await.unwrap();
+    assert!(got == pattern(16 << 20, 7), "the 16 MiB download is intact");
+    let t_down = started.elapsed();
+    let t_both = echo_round_trip(both, &pattern(4 << 20, 5)).await;
+    let r_down = resumes_all_first_time(&d, "cut_down", 3);
+    let r_both = resumes_all_first_time(&d, "cut_both", 1);
+    eprintln!(
+        "a cut every 4 MiB: 16 MiB down {t_down:?} ({r_down} resumes); \
+         4 MiB each way {t_both:?} ({r_both} resumes)"
+    );
     assert_no_violations(&sim);
 }
 
@@ -169,7 +262,10 @@ async fn loss_duplication_and_reordering_both_ways_deliver_exactly_once() {
     .await;
     let echo = echo_server().await;
     let local = free_port();
-    let d = DaemonProcess::start(&profile("lossy", echo, local, ""), &sim.endpoint_url());
+    let d = DaemonProcess::start(
+        &profile("lossy", echo, local, "max_sessions = 1\n"),
+        &sim.endpoint_url(),
+    );
     wait_listening(local, &d).await;
     // 32 MiB each way, 64 MiB over the link. The agent resends only its oldest
     // unacknowledged message, once per 100 ms ([A] fn `ResendStreamDataMessageScheduler`),
@@ -187,15 +283,20 @@ async fn loss_duplication_and_reordering_both_ways_deliver_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn service_recycling_every_2_s_for_60_s_loses_nothing() {
+    // The agent's own pacing on, as in production: what was in flight when a websocket
+    // closes is resent by the agent at one message per 100 ms, so an unpaced agent would
+    // turn each recycle into seconds of recovery that real agents do not have.
     let sim = sim(SimConfig {
-        agent_pacing: Duration::ZERO,
         ws_recycle: Some(Duration::from_secs(2)),
         ..SimConfig::default()
     })
     .await;
     let echo = echo_server().await;
     let local = free_port();
-    let d = DaemonProcess::start(&profile("recycle", echo, local, ""), &sim.endpoint_url());
+    let d = DaemonProcess::start(
+        &profile("recycle", echo, local, "max_sessions = 1\n"),
+        &sim.endpoint_url(),
+    );
     wait_listening(local, &d).await;
     // Continuous traffic for 60 s: 256 KiB round trips on one connection.
     let conn = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
@@ -215,7 +316,13 @@ async fn service_recycling_every_2_s_for_60_s_loses_nothing() {
         let mut back = vec![0u8; data.len()];
         tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut back))
             .await
-            .expect("the echo arrives")
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no echo in round {round}; sessions: {:#?}\nlog:\n{}",
+                    sim.sessions(),
+                    tail(&d.log_text())
+                )
+            })
             .expect("the connection stays open");
         assert!(back == data, "round {round} came back altered");
         w = writer.await.unwrap();
@@ -351,7 +458,16 @@ async fn a_consumer_that_reads_nothing_does_not_grow_memory() {
     }
     let grew_mib = (peak.saturating_sub(before)) as f64 / 1024.0;
     eprintln!("RSS before {before} KiB, peak {peak} KiB: +{grew_mib:.1} MiB");
-    assert!(grew_mib < 64.0, "RSS grew by {grew_mib:.1} MiB");
+    assert!(
+        grew_mib < 64.0,
+        "RSS grew by {grew_mib:.1} MiB; log:\n{}",
+        d.log_text()
+            .lines()
+            .filter(|l| l.contains("data channel state"))
+            .map(|l| l.rsplit("data channel state").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // The stalled data is all still there, in order, when the reader wakes up.
     let mut r = stalled;
     let mut head = vec![0u8; 1 << 20];
@@ -379,4 +495,44 @@ async fn first_kib(local: u16) -> usize {
     let mut buf = vec![0u8; 1024];
     c.read_exact(&mut buf).await.unwrap();
     buf.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_reader_does_not_stall_the_other_connections_of_its_session() {
+    let sim = sim(SimConfig {
+        agent_pacing: Duration::ZERO,
+        ..SimConfig::default()
+    })
+    .await;
+    let endless = endless_source().await;
+    let local = free_port();
+    // One session, so both connections share it.
+    let d = DaemonProcess::start(
+        &profile("shared", endless, local, "max_sessions = 1\n"),
+        &sim.endpoint_url(),
+    );
+    wait_listening(local, &d).await;
+    // A reads its first KiB, then nothing more.
+    let mut stalled = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let mut kib = vec![0u8; 1024];
+    stalled.read_exact(&mut kib).await.unwrap();
+    // B still gets 6 MiB (more than the reference's 4 MiB session buffer) at full speed.
+    let mut busy = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let mut got = vec![0u8; 6 << 20];
+    tokio::time::timeout(Duration::from_secs(60), busy.read_exact(&mut got))
+        .await
+        .expect("the busy connection is not stalled by the idle one")
+        .unwrap();
+    let block = pattern(1 << 20, 7);
+    for (i, mib) in got.chunks(1 << 20).enumerate() {
+        assert!(
+            mib == &block[..],
+            "MiB {i} of the busy connection is intact"
+        );
+    }
+    assert_eq!(
+        status(&d, "shared")["sessions"].as_array().unwrap().len(),
+        1
+    );
+    drop(stalled);
 }

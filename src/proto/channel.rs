@@ -369,6 +369,13 @@ impl Channel {
         self.transmit.pop_front()
     }
 
+    /// Frames waiting for [`Channel::poll_transmit`] (acks, data, retransmissions). A
+    /// driver whose websocket cannot keep up should stop feeding received frames while
+    /// this is large: every received data message queues an ack.
+    pub fn pending_transmit(&self) -> usize {
+        self.transmit.len()
+    }
+
     /// The next in-order payload or state change.
     pub fn poll_event(&mut self) -> Option<ChannelEvent> {
         self.events.pop_front()

@@ -453,19 +453,15 @@ fn attach(
         start_runtime(shared, session, &mut inner);
     } else if inner.paused {
         inner.paused = false;
-        if let Some(pipe) = &inner.to_agent {
-            enqueue_service(pipe, publication(MessageType::StartPublication));
-        }
+        enqueue_service(&inner, publication(MessageType::StartPublication));
     }
     inner.to_agent.clone()
 }
 
-fn enqueue_service(pipe: &mpsc::Sender<ToAgent>, frame: Bytes) {
-    if let Err(mpsc::error::TrySendError::Full(item)) = pipe.try_send(ToAgent::Service(frame)) {
-        let pipe = pipe.clone();
-        tokio::spawn(async move {
-            let _ = pipe.send(item).await;
-        });
+/// Queues a service message for the agent, after every earlier one.
+fn enqueue_service(inner: &super::session::Inner, frame: Bytes) {
+    if let Some(q) = &inner.to_agent_service {
+        let _ = q.send(frame);
     }
 }
 
@@ -477,9 +473,9 @@ fn detach(session: &SimSession, conn_id: u64) {
     inner.attached = None;
     if inner.status == Status::Connected {
         inner.status = Status::Disconnected;
-        if let Some(pipe) = inner.to_agent.clone() {
+        if inner.to_agent.is_some() {
             inner.paused = true;
-            enqueue_service(&pipe, publication(MessageType::PausePublication));
+            enqueue_service(&inner, publication(MessageType::PausePublication));
         }
     }
 }
@@ -493,6 +489,18 @@ fn start_runtime(
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (out_tx, out_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (exit_tx, exit_rx) = oneshot::channel();
+    let (service_tx, mut service_rx) = mpsc::unbounded_channel::<Bytes>();
+    {
+        let pipe = pipe_tx.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = service_rx.recv().await {
+                if pipe.send(ToAgent::Service(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    inner.to_agent_service = Some(service_tx);
     inner.to_agent = Some(pipe_tx);
 
     let faults = shared.faults();
@@ -674,6 +682,7 @@ async fn finish(session: &SimSession, exit: Option<AgentExit>) {
         inner.end_unix_ms = Some(clock::unix_ms());
         inner.token = None;
         inner.to_agent = None;
+        inner.to_agent_service = None;
         inner.final_output = Some(output.clone());
         inner.exit_reason = Some(reason.clone());
         (output, inner.attached.take())

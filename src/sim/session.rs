@@ -109,6 +109,9 @@ pub(crate) struct Inner {
     pub client_id: Option<String>,
     pub attached: Option<Attachment>,
     pub to_agent: Option<mpsc::Sender<ToAgent>>,
+    /// The service's own messages to the agent (pause/start publication), forwarded
+    /// into `to_agent` in order by one task, so a full pipe never reorders them.
+    pub to_agent_service: Option<mpsc::UnboundedSender<Bytes>>,
     pub agent_started: bool,
     pub paused: bool,
     /// Output for `channel_closed` chosen by the service (idle timeout, ...).
@@ -210,6 +213,7 @@ impl SimSession {
                 client_id: None,
                 attached: None,
                 to_agent: None,
+                to_agent_service: None,
                 agent_started: false,
                 paused: false,
                 termination_output: None,

@@ -97,6 +97,12 @@ pub struct TunnelConfig {
     pub probe_timeout: Duration,
     /// Capacity of each tunnelled connection's in-memory pipe.
     pub stream_buffer: usize,
+    /// Received bytes the smux session may hold for connections that have not read them
+    /// yet, all streams together; past it the websocket is not read. smux v1 has no
+    /// per-stream flow control, so this is what one stalled reader may take before the
+    /// other connections of its session stall too. It is purely local (the plugin uses
+    /// xtaci's default of 4 MiB); memory per session stays bounded by it.
+    pub smux_receive_buffer: usize,
 }
 
 impl Default for TunnelConfig {
@@ -111,6 +117,7 @@ impl Default for TunnelConfig {
             probe_idle: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(3),
             stream_buffer: 64 * 1024,
+            smux_receive_buffer: 16 * 1024 * 1024,
         }
     }
 }
@@ -211,7 +218,10 @@ impl Tunnel {
                 .then(|| {
                     smux::Session::new(
                         smux::Role::Client,
-                        smux::Config::for_ssm(info.agent_disables_smux_keepalive),
+                        smux::Config {
+                            max_receive_buffer: config.smux_receive_buffer,
+                            ..smux::Config::for_ssm(info.agent_disables_smux_keepalive)
+                        },
                         Instant::now(),
                     )
                     .ok()
@@ -489,6 +499,9 @@ struct Driver {
 const MAX_PENDING_UPLOAD: usize = 256 * 1024;
 /// Bytes received in basic mode allowed to wait for the connection before reads pause.
 const MAX_PENDING_DOWNLOAD: usize = 256 * 1024;
+/// Frames (mostly acks) allowed to wait for the websocket writer before the driver stops
+/// reading the websocket.
+const MAX_PENDING_FRAMES: usize = 1024;
 /// Frames queued for a websocket's writer task.
 const WRITER_QUEUE: usize = 256;
 /// How long a connection whose client shut down its sending side stays open for the
@@ -1015,8 +1028,14 @@ impl Driver {
         self.counters.open_streams = self.streams.len();
     }
 
-    /// True while received data has somewhere to go.
+    /// True while received data has somewhere to go, and the acks it will cause can be
+    /// written: when the websocket's write side is slower than its read side (a busy
+    /// service), acks would otherwise queue without bound.
     fn download_room(&self) -> bool {
+        if self.outbox.is_some() || self.session.channel().pending_transmit() >= MAX_PENDING_FRAMES
+        {
+            return false;
+        }
         match &self.smux {
             Some(smux) => smux.wants_input(),
             None => self.queues.down_bytes < MAX_PENDING_DOWNLOAD,

@@ -423,7 +423,8 @@ impl DaemonProcess {
         std::fs::write(&cfg, config).expect("write config");
         let socket = dir.join("control.sock");
         let log = dir.join("bastiond.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_bastiond"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bastiond"));
+        command
             .args(["run", "--config"])
             .arg(&cfg)
             .arg("--socket")
@@ -437,9 +438,18 @@ impl DaemonProcess {
             .env_remove("AWS_PROFILE")
             .envs(env.iter().copied())
             .stdout(std::fs::File::create(dir.join("stdout.log")).expect("stdout file"))
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn bastiond");
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        // A test killed by a timeout must not leave its daemon behind.
+        // SAFETY: the closure only makes one async-signal-safe system call (prctl).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("spawn bastiond");
         let d = DaemonProcess {
             child,
             socket,
