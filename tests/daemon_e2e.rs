@@ -540,3 +540,50 @@ async fn no_token_is_logged_at(rust_log: &str) {
 async fn no_token_is_logged_at_trace_level_through_start_resume_and_shutdown() {
     no_token_is_logged_at("trace").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sso_profile_without_a_login_says_to_run_aws_sso_login() {
+    let sim = sim(SimConfig::default()).await;
+    let home = std::env::temp_dir().join(format!(
+        "bastion-sso-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(home.join(".aws")).unwrap();
+    let aws_config = home.join(".aws/config");
+    std::fs::write(
+        &aws_config,
+        "[profile team-dev]\nsso_session = team\nsso_account_id = 123456789012\n\
+         sso_role_name = Developer\nregion = us-east-1\n\n[sso-session team]\n\
+         sso_start_url = https://example.awsapps.com/start\nsso_region = us-east-1\n",
+    )
+    .unwrap();
+    let local = free_port();
+    let d = DaemonProcess::start_with_env(
+        &format!(
+            "{}aws_profile = \"team-dev\"\n",
+            profile("sso", 5432, local).replace("autostart = true\n", "")
+        ),
+        &sim.endpoint_url(),
+        &[
+            ("HOME", home.to_str().unwrap()),
+            ("AWS_CONFIG_FILE", aws_config.to_str().unwrap()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/bastion-test/credentials",
+            ),
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+        ],
+    );
+    let started = Instant::now();
+    let (code, _, err) = d.ctl(&["open", "sso", "--warm"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("aws sso login --profile team-dev"),
+        "the user is told what to run: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15), "no hang");
+    assert!(sim.sessions().is_empty(), "no session without credentials");
+    let _ = std::fs::remove_dir_all(&home);
+}

@@ -40,6 +40,10 @@ use super::rtt::RttEstimator;
 /// Retransmission backoff cap: at most 2^3 = 8 times the RTO.
 const MAX_BACKOFF_SHIFT: u32 = 3;
 
+/// Most acks waiting to be sent (about 1.2 MB); beyond it the oldest is discarded. The
+/// references queue without bound ([P] sends each ack synchronously on the websocket).
+pub const MAX_QUEUED_ACKS: usize = 4096;
+
 /// Which end of the data channel this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -169,6 +173,8 @@ pub struct ChannelStats {
     pub bytes_delivered: u64,
     /// Acknowledgements sent (including re-acks).
     pub acks_sent: u64,
+    /// Acknowledgements discarded unsent because [`MAX_QUEUED_ACKS`] were waiting.
+    pub acks_dropped: u64,
     /// Acknowledgements received that matched an unacknowledged message.
     pub acks_received: u64,
     /// Acknowledgements received for no unacknowledged message.
@@ -224,6 +230,8 @@ pub struct Channel {
     unacked_bytes: usize,
     timers: BinaryHeap<Reverse<(Instant, i64)>>,
     transmit: VecDeque<Bytes>,
+    /// Acks waiting to be sent, at most [`MAX_QUEUED_ACKS`].
+    acks: VecDeque<Bytes>,
     reorder: BTreeMap<i64, ClientMessage>,
     events: VecDeque<ChannelEvent>,
     rtt: RttEstimator,
@@ -251,6 +259,7 @@ impl Channel {
             unacked_bytes: 0,
             timers: BinaryHeap::new(),
             transmit: VecDeque::new(),
+            acks: VecDeque::new(),
             reorder: BTreeMap::new(),
             events: VecDeque::new(),
             rtt: RttEstimator::default(),
@@ -364,16 +373,16 @@ impl Channel {
             .collect();
     }
 
-    /// The next frame to send on the websocket (one BINARY frame each).
+    /// The next frame to send on the websocket (one BINARY frame each). Acks go
+    /// first: they are small, and a late ack inflates the sender's RTT estimate and
+    /// retransmission timeout.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.transmit.pop_front()
+        self.acks.pop_front().or_else(|| self.transmit.pop_front())
     }
 
-    /// Frames waiting for [`Channel::poll_transmit`] (acks, data, retransmissions). A
-    /// driver whose websocket cannot keep up should stop feeding received frames while
-    /// this is large: every received data message queues an ack.
+    /// Frames waiting for [`Channel::poll_transmit`] (acks, data, retransmissions).
     pub fn pending_transmit(&self) -> usize {
-        self.transmit.len()
+        self.acks.len() + self.transmit.len()
     }
 
     /// The next in-order payload or state change.
@@ -437,6 +446,7 @@ impl Channel {
         }
         self.connected = false;
         self.transmit.clear();
+        self.acks.clear();
     }
 
     /// Tells the channel a new websocket is open (after OpenDataChannel was sent on
@@ -602,7 +612,15 @@ impl Channel {
         if let Ok(frame) = ack.encode() {
             self.stats.acks_sent += 1;
             if self.connected {
-                self.transmit.push_back(frame);
+                if self.acks.len() >= MAX_QUEUED_ACKS {
+                    // The websocket cannot take our acks as fast as data arrives. Reading
+                    // must not wait for writing (the peer may be blocked writing to us),
+                    // so the oldest unsent ack goes: its message comes again and is
+                    // acked again, the protocol's own recovery.
+                    self.acks.pop_front();
+                    self.stats.acks_dropped += 1;
+                }
+                self.acks.push_back(frame);
             }
         }
     }
@@ -760,6 +778,42 @@ mod tests {
         assert_eq!(got, vec![0, 1, 2]);
         assert_eq!(c.stats().out_of_order, 1);
         assert_eq!(c.expected_sequence_number(), 3);
+    }
+
+    #[test]
+    fn unsent_acks_are_bounded_and_the_oldest_go_first() {
+        let now = Instant::now();
+        let mut c = Channel::new(Role::Client, ChannelConfig::default(), now, T0_MS);
+        let big = ChannelConfig {
+            max_in_flight_messages: 10_000,
+            max_in_flight_bytes: 10_000_000,
+            ..ChannelConfig::default()
+        };
+        let mut a = Channel::new(Role::Agent, big, now, T0_MS);
+        let n = MAX_QUEUED_ACKS + 100;
+        for _ in 0..n {
+            a.send(PayloadType::Output, Bytes::from_static(b"x"), now)
+                .unwrap();
+        }
+        // The client's websocket takes nothing while all of them arrive.
+        for f in frames(&mut a) {
+            c.handle_frame(f, now).unwrap();
+        }
+        assert_eq!(c.pending_transmit(), MAX_QUEUED_ACKS);
+        assert_eq!(c.stats().acks_dropped, 100);
+        assert_eq!(data(&mut c).len(), n, "every message is delivered");
+        let acks: Vec<i64> = frames(&mut c)
+            .iter()
+            .map(|f| ack_of(f).sequence_number)
+            .collect();
+        assert_eq!(acks.first(), Some(&100), "the oldest 100 were dropped");
+        assert_eq!(acks.last(), Some(&(n as i64 - 1)));
+        // A resent message is acked again.
+        a.on_disconnect();
+        a.on_reconnect(now);
+        let again = frames(&mut a);
+        c.handle_frame(again[0].clone(), now).unwrap();
+        assert_eq!(ack_of(&frames(&mut c)[0]).sequence_number, 0);
     }
 
     #[test]

@@ -499,9 +499,6 @@ struct Driver {
 const MAX_PENDING_UPLOAD: usize = 256 * 1024;
 /// Bytes received in basic mode allowed to wait for the connection before reads pause.
 const MAX_PENDING_DOWNLOAD: usize = 256 * 1024;
-/// Frames (mostly acks) allowed to wait for the websocket writer before the driver stops
-/// reading the websocket.
-const MAX_PENDING_FRAMES: usize = 1024;
 /// Frames queued for a websocket's writer task.
 const WRITER_QUEUE: usize = 256;
 /// How long a connection whose client shut down its sending side stays open for the
@@ -613,8 +610,12 @@ impl Driver {
                     let now = Instant::now();
                     if probe_due.is_some_and(|d| d <= now) {
                         self.probe_sent_at = None;
-                        if let Some(why) = self.reconnect("no answer to a ping on the websocket".into()).await { return why; }
-                        continue;
+                        // Unanswered only counts while we read: with reads paused for
+                        // backpressure the pong simply waits in the socket.
+                        if download_room {
+                            if let Some(why) = self.reconnect("no answer to a ping on the websocket".into()).await { return why; }
+                            continue;
+                        }
                     }
                     self.session.handle_timeout(now);
                     if let Some(s) = self.smux.as_mut() { s.handle_timeout(now); }
@@ -626,6 +627,7 @@ impl Driver {
                         smux_buffered = self.smux.as_ref().map(smux::Session::buffered_total),
                         smux_pending = self.smux.as_ref().map(smux::Session::pending_transmit),
                         in_flight = self.session.channel().in_flight_messages(),
+                        to_send = self.session.channel().pending_transmit(),
                         expected = self.session.channel().expected_sequence_number(),
                         streams = self.streams.len(),
                         "data channel state"
@@ -766,8 +768,10 @@ impl Driver {
             let _ = reply.send(Err(TunnelError::Ended(format!("{why:?}"))));
             return;
         }
-        // After a laptop sleep the websocket may be dead without knowing it: check.
+        // After a laptop sleep the websocket may be dead without knowing it: check
+        // (unless reads are paused for backpressure, when silence proves nothing).
         if self.probe_sent_at.is_none()
+            && self.download_room()
             && self.last_traffic.elapsed() > self.config.probe_idle
             && let Some(w) = &self.writer
             && w.try_send(Message::Ping(Bytes::from_static(b"probe")))
@@ -1016,6 +1020,11 @@ impl Driver {
             if slot.remote_fin && smux.buffered(StreamId(key)) == 0 && !finished.contains(&key) {
                 finished.push(key);
             }
+            // Nobody reads this connection any more (the client closed it entirely):
+            // no reply can reach anyone, so no linger.
+            if slot.to_user.is_closed() && !finished.contains(&key) {
+                finished.push(key);
+            }
             if slot.fin_due().is_some_and(|due| due <= now) && !finished.contains(&key) {
                 debug!(stream = key, "half-closed connection quiet; sending FIN");
                 finished.push(key);
@@ -1028,14 +1037,9 @@ impl Driver {
         self.counters.open_streams = self.streams.len();
     }
 
-    /// True while received data has somewhere to go, and the acks it will cause can be
-    /// written: when the websocket's write side is slower than its read side (a busy
-    /// service), acks would otherwise queue without bound.
+    /// True while received data has somewhere to go. (Reading never waits for writing:
+    /// the peer may be blocked writing to us; the channel bounds its ack queue instead.)
     fn download_room(&self) -> bool {
-        if self.outbox.is_some() || self.session.channel().pending_transmit() >= MAX_PENDING_FRAMES
-        {
-            return false;
-        }
         match &self.smux {
             Some(smux) => smux.wants_input(),
             None => self.queues.down_bytes < MAX_PENDING_DOWNLOAD,
