@@ -169,6 +169,8 @@ pub struct Profile {
     pub aws_profile: Option<String>,
     /// Close the session after this long without a connection.
     pub idle_timeout: Duration,
+    /// Bound for opening the data channel websocket and for the handshake.
+    pub connect_timeout: Duration,
     /// Most simultaneous connections.
     pub max_connections: usize,
     /// Most Session Manager sessions the profile's connections are striped over.
@@ -216,6 +218,7 @@ struct RawSettings {
     region: Option<Spanned<String>>,
     aws_profile: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<toml::Value>>,
+    connect_timeout: Option<Spanned<toml::Value>>,
     max_connections: Option<Spanned<i64>>,
     max_sessions: Option<Spanned<i64>>,
     autostart: Option<Spanned<bool>>,
@@ -236,6 +239,7 @@ pub const KEYS: &[&str] = &[
     "region",
     "aws_profile",
     "idle_timeout",
+    "connect_timeout",
     "max_connections",
     "max_sessions",
     "autostart",
@@ -283,6 +287,32 @@ struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
     errors: Vec<ConfigError>,
+}
+
+/// A positive duration setting: seconds, or a string such as `"20m"`.
+fn duration_setting(
+    ctx: &mut Ctx<'_>,
+    value: Option<Spanned<toml::Value>>,
+    key: &str,
+    default: Duration,
+) -> Duration {
+    let Some(v) = value else { return default };
+    let parsed = match v.get_ref() {
+        toml::Value::Integer(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
+        toml::Value::String(s) => parse_duration(s),
+        _ => Err(format!("{key} must be seconds or a string such as \"20m\"")),
+    };
+    match parsed {
+        Ok(d) if d.is_zero() => {
+            ctx.err(Some(v.span()), format!("{key} must be greater than zero"));
+            Duration::ZERO
+        }
+        Ok(d) => d,
+        Err(e) => {
+            ctx.err(Some(v.span()), e);
+            Duration::ZERO
+        }
+    }
 }
 
 impl Ctx<'_> {
@@ -481,27 +511,18 @@ fn validate(
         None if remote_host.is_some() => DOC_REMOTE_HOST.to_owned(),
         None => DOC_LOCAL.to_owned(),
     };
-    let idle_timeout = match merged(&p.idle_timeout, &d.idle_timeout) {
-        None => Duration::from_secs(20 * 60),
-        Some(v) => {
-            let parsed = match v.get_ref() {
-                toml::Value::Integer(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
-                toml::Value::String(s) => parse_duration(s),
-                _ => Err("idle_timeout must be seconds or a string such as \"20m\"".to_owned()),
-            };
-            match parsed {
-                Ok(d) if d.is_zero() => {
-                    ctx.err(Some(v.span()), "idle_timeout must be greater than zero");
-                    Duration::ZERO
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    ctx.err(Some(v.span()), e);
-                    Duration::ZERO
-                }
-            }
-        }
-    };
+    let idle_timeout = duration_setting(
+        ctx,
+        merged(&p.idle_timeout, &d.idle_timeout),
+        "idle_timeout",
+        Duration::from_secs(20 * 60),
+    );
+    let connect_timeout = duration_setting(
+        ctx,
+        merged(&p.connect_timeout, &d.connect_timeout),
+        "connect_timeout",
+        Duration::from_secs(30),
+    );
     let max_connections = match merged(&p.max_connections, &d.max_connections) {
         None => 256,
         Some(v) if *v.get_ref() < 1 || *v.get_ref() > 100_000 => {
@@ -535,6 +556,7 @@ fn validate(
         region: text(merged(&p.region, &d.region)),
         aws_profile: text(merged(&p.aws_profile, &d.aws_profile)),
         idle_timeout,
+        connect_timeout,
         max_connections,
         max_sessions,
         autostart: merged(&p.autostart, &d.autostart).is_some_and(|v| *v.get_ref()),

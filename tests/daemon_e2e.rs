@@ -587,3 +587,47 @@ async fn an_sso_profile_without_a_login_says_to_run_aws_sso_login() {
     assert!(sim.sessions().is_empty(), "no session without credentials");
     let _ = std::fs::remove_dir_all(&home);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_denied_and_a_handshake_timeout_reach_bastionctl() {
+    let sim = sim(SimConfig {
+        faults: bastion::sim::Faults {
+            fail_start_session: Some("AccessDeniedException".into()),
+            ..bastion::sim::Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let local = free_port();
+    let d = DaemonProcess::start(
+        &format!(
+            "{}connect_timeout = \"2s\"\n",
+            profile("pg", 5432, local).replace("autostart = true\n", "")
+        ),
+        &sim.endpoint_url(),
+    );
+    let (code, _, err) = d.ctl(&["open", "pg", "--warm"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.to_lowercase().contains("access denied"), "{err}");
+    // Now StartSession works but the agent never completes the handshake in time.
+    sim.update_faults(|f| {
+        f.fail_start_session = None;
+        f.handshake_delay_ms = Some(10_000);
+    })
+    .unwrap();
+    let started = Instant::now();
+    let (code, _, err) = d.ctl(&["open", "pg", "--warm"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("handshake did not complete within 2s"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // The half-open session was terminated, and the daemon still serves.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.sessions().iter().any(|s| s.status != "Terminated") {
+        assert!(Instant::now() < deadline, "{:?}", sim.sessions());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(d.ctl(&["list"]).0, 0);
+}

@@ -214,8 +214,10 @@ where
                 _ => AwsError::Other { code, message },
             }
         }
-        SdkError::ConstructionFailure(_) if context.contains("credentials") => {
-            AwsError::Credentials(context)
+        SdkError::ConstructionFailure(_) | SdkError::DispatchFailure(_)
+            if context.contains("credentials") =>
+        {
+            AwsError::Credentials(credentials_reason(&context))
         }
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => AwsError::Other {
             code: "dispatch".into(),
@@ -227,6 +229,17 @@ where
             message: context,
         },
     }
+}
+
+/// The innermost reason of a credential-chain failure, without the SDK's repetitions
+/// ("an error occurred while loading credentials: " per layer) and its Debug tail.
+fn credentials_reason(context: &str) -> String {
+    let head = context.split(" (").next().unwrap_or(context);
+    head.rsplit("loading credentials: ")
+        .next()
+        .unwrap_or(head)
+        .trim()
+        .to_owned()
 }
 
 /// What to start a session with.

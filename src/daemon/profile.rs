@@ -148,7 +148,8 @@ fn describe_ec2_error(profile: &Profile, e: &crate::aws::ec2::Ec2Error) -> Strin
 
 impl ProfileRuntime {
     /// A closed profile.
-    pub fn new(profile: Profile, tunnel_config: TunnelConfig, api: ApiProvider) -> Arc<Self> {
+    pub fn new(profile: Profile, mut tunnel_config: TunnelConfig, api: ApiProvider) -> Arc<Self> {
+        tunnel_config.connect_timeout = profile.connect_timeout;
         Arc::new(ProfileRuntime {
             profile,
             tunnel_config,
