@@ -61,7 +61,7 @@ pub struct ProfileStatus {
     pub uptime_secs: Option<u64>,
     /// Successful websocket resumes since the profile opened.
     pub resumes: u64,
-    /// Resume attempts of the live sessions (successful or not).
+    /// Resume attempts since the profile opened (successful or not).
     #[serde(default)]
     pub resume_attempts: u64,
     /// The last error, in words a user can act on.

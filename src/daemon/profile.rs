@@ -74,6 +74,7 @@ struct Inner {
     bytes_up_done: u64,
     bytes_down_done: u64,
     resumes_done: u64,
+    resume_attempts_done: u64,
 }
 
 /// A profile's run-time state. Cheap to share.
@@ -165,6 +166,7 @@ impl ProfileRuntime {
                 bytes_up_done: 0,
                 bytes_down_done: 0,
                 resumes_done: 0,
+                resume_attempts_done: 0,
             }),
             opening: AsyncMutex::new(()),
             connecting: AsyncMutex::new(()),
@@ -723,6 +725,7 @@ impl ProfileRuntime {
             inner.bytes_up_done += s.bytes_up;
             inner.bytes_down_done += s.bytes_down;
             inner.resumes_done += s.resumes;
+            inner.resume_attempts_done += s.resume_attempts;
         }
     }
 
@@ -762,6 +765,7 @@ impl ProfileRuntime {
             inner.bytes_up_done += s.bytes_up;
             inner.bytes_down_done += s.bytes_down;
             inner.resumes_done += s.resumes;
+            inner.resume_attempts_done += s.resume_attempts;
         }
         self.status()
     }
@@ -817,7 +821,8 @@ impl ProfileRuntime {
             bytes_down: inner.bytes_down_done + stats.iter().map(|s| s.bytes_down).sum::<u64>(),
             uptime_secs: first.map(|l| l.ready_at.elapsed().as_secs()),
             resumes: inner.resumes_done + stats.iter().map(|s| s.resumes).sum::<u64>(),
-            resume_attempts: stats.iter().map(|s| s.resume_attempts).sum(),
+            resume_attempts: inner.resume_attempts_done
+                + stats.iter().map(|s| s.resume_attempts).sum::<u64>(),
             last_error: stats
                 .iter()
                 .find(|s| s.reconnecting)
