@@ -268,6 +268,11 @@ impl Simulator {
         let listener = self.listener;
         tracing::info!(addr = %shared.local_addr, "ssm simulator listening");
         let server = tokio::spawn(async move {
+            // TCP_NODELAY on every connection, as a real service's websocket endpoint:
+            // without it Nagle and delayed acks add ~40 ms to every small round trip.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
                 let _ = rx.wait_for(|v| *v).await;
             });
