@@ -18,6 +18,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod logging;
+pub mod ondemand;
 pub mod plugin;
 pub mod proto;
 pub mod sim;
