@@ -66,6 +66,9 @@ pub struct ProfileStatus {
     pub resume_attempts: u64,
     /// The last error, in words a user can act on.
     pub last_error: Option<String>,
+    /// The on-demand bastion, for profiles with a `bastion` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bastion: Option<BastionStatus>,
 }
 
 /// A progress event while `open --warm` brings a session up.
@@ -77,6 +80,38 @@ pub struct Progress {
     pub elapsed_secs: f64,
     /// Details (session id, error text).
     pub detail: Option<String>,
+    /// The on-demand bastion's instance id or task ARN, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+/// An on-demand bastion, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BastionStatus {
+    /// `ec2` or `fargate`.
+    pub provider: String,
+    /// `none`, `launching`, `waiting_online`, `ready`, `idle` or `terminating`.
+    pub phase: String,
+    /// Instance id or task ARN.
+    pub resource: Option<String>,
+    /// Session Manager target.
+    pub target: Option<String>,
+    /// `local` or `dynamodb:<table>`.
+    pub registry: String,
+    /// Shared by the team (else one per caller).
+    pub shared: bool,
+    /// The daemon that holds the registry record's lease.
+    pub holder: Option<String>,
+    /// Seconds since launch.
+    pub age_secs: Option<u64>,
+    /// Seconds until the max lifetime ends.
+    pub expires_in_secs: Option<u64>,
+    /// Seconds without a connection (while idle).
+    pub idle_secs: Option<u64>,
+    /// The lifetime warning, once given.
+    pub warning: Option<String>,
+    /// The last lifecycle error.
+    pub last_error: Option<String>,
 }
 
 /// Request body of `POST /v1/profiles/{name}/open`.

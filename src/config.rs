@@ -28,6 +28,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod bastion;
+
+pub use bastion::OnDemand;
+
 /// Session document for a tunnel to another host through the target.
 pub const DOC_REMOTE_HOST: &str = "AWS-StartPortForwardingSessionToRemoteHost";
 /// Session document for a tunnel to a port of the target itself.
@@ -92,6 +96,8 @@ pub enum Target {
     Ecs(String),
     /// The running instance with these tags (resolved with EC2 DescribeInstances).
     Tags(BTreeMap<String, String>),
+    /// A bastion launched on demand (the profile's `bastion` section).
+    OnDemand(&'static str),
 }
 
 impl Target {
@@ -99,7 +105,7 @@ impl Target {
     pub fn session_target(&self) -> Option<&str> {
         match self {
             Target::Instance(s) | Target::Ecs(s) => Some(s),
-            Target::Tags(_) => None,
+            Target::Tags(_) | Target::OnDemand(_) => None,
         }
     }
 }
@@ -112,6 +118,7 @@ impl fmt::Display for Target {
                 let parts: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 write!(f, "tags:{}", parts.join(","))
             }
+            Target::OnDemand(kind) => write!(f, "{kind} on demand"),
         }
     }
 }
@@ -182,6 +189,8 @@ pub struct Profile {
     /// Also use the EC2 instance metadata service for credentials and region (off by
     /// default: it only makes sense when the daemon runs on EC2).
     pub imds: bool,
+    /// The on-demand bastion, when the target is launched rather than fixed.
+    pub bastion: Option<OnDemand>,
 }
 
 /// Default of `max_sessions`: the agent sends at most about 1 MB/s per session, so a
@@ -224,6 +233,7 @@ struct RawSettings {
     autostart: Option<Spanned<bool>>,
     reason: Option<Spanned<String>>,
     imds: Option<Spanned<bool>>,
+    bastion: Option<Spanned<bastion::RawBastion>>,
 }
 
 /// Keys a profile (or `[defaults]`) accepts, for environment overrides and docs.
@@ -362,10 +372,27 @@ fn validate(
     at: Range<usize>,
 ) -> Option<Profile> {
     let before = ctx.errors.len();
+    let on_demand = p.bastion.as_ref().or(d.bastion.as_ref()).map(|section| {
+        let empty = bastion::RawBastion::default();
+        let own = p.bastion.as_ref().map_or(&empty, |b| b.get_ref());
+        let dflt = d.bastion.as_ref().map_or(&empty, |b| b.get_ref());
+        (section.span(), own.clone(), dflt.clone())
+    });
     let target = match (
         merged(&p.target, &d.target),
         merged(&p.target_tags, &d.target_tags),
     ) {
+        (fixed, tags) if on_demand.is_some() && p.bastion.is_some() => {
+            if let Some(span) = fixed.map(|t| t.span()).or(tags.map(|t| t.span())) {
+                if p.target.is_some() || p.target_tags.is_some() {
+                    ctx.err(
+                        Some(span),
+                        "a profile with a bastion section launches its target; remove target/target_tags",
+                    );
+                }
+            }
+            None
+        }
         (Some(_), Some(tags)) => {
             ctx.err(
                 Some(tags.span()),
@@ -401,11 +428,13 @@ fn validate(
             None
         }
         (None, Some(tags)) => Some(Target::Tags(tags.get_ref().clone())),
+        (None, None) if d.bastion.is_some() => None,
         (None, None) => {
             ctx.err(
                 Some(at.clone()),
                 format!(
-                    "profile {name:?} needs a target (instance id, ecs: target) or target_tags"
+                    "profile {name:?} needs a target (instance id, ecs: target), target_tags \
+                     or a bastion section"
                 ),
             );
             None
@@ -542,6 +571,29 @@ fn validate(
         }
         Some(v) => *v.get_ref() as usize,
     };
+    // A bastion section in [defaults] applies to profiles without a fixed target.
+    let use_bastion = p.bastion.is_some() || (target.is_none() && d.bastion.is_some());
+    let bastion = match &on_demand {
+        Some((span, own, dflt)) if use_bastion => bastion::validate(
+            ctx,
+            own,
+            dflt,
+            span.clone(),
+            bastion::RemoteEnd {
+                profile: name,
+                remote_host: remote_host.as_deref(),
+                remote_port,
+            },
+        ),
+        _ => None,
+    };
+    let target = match (&bastion, target) {
+        (Some(b), _) => Some(Target::OnDemand(match b.provider {
+            bastion::Provider::Ec2(_) => "ec2",
+            bastion::Provider::Fargate(_) => "fargate",
+        })),
+        (None, t) => t,
+    };
     let text = |v: Option<Spanned<String>>| v.map(|s| s.into_inner()).filter(|s| !s.is_empty());
     if ctx.errors.len() > before {
         return None;
@@ -562,6 +614,7 @@ fn validate(
         autostart: merged(&p.autostart, &d.autostart).is_some_and(|v| *v.get_ref()),
         reason: text(merged(&p.reason, &d.reason)),
         imds: merged(&p.imds, &d.imds).is_some_and(|v| *v.get_ref()),
+        bastion,
     })
 }
 

@@ -15,6 +15,7 @@ use tracing::info;
 use crate::api::{ApiError, ProfileStatus, Progress, ReloadResult};
 use crate::aws::ssm::{AwsTarget, SsmApi, load_config};
 use crate::config::{Config, Profile};
+use crate::ondemand::Host;
 use crate::transport::ssm::TunnelConfig;
 use profile::{ApiProvider, ProfileRuntime};
 
@@ -25,6 +26,7 @@ pub struct Daemon {
     tunnel_config: TunnelConfig,
     api: ApiProvider,
     reload_lock: AsyncMutex<()>,
+    host: Option<Arc<Host>>,
 }
 
 fn unknown(name: &str) -> ApiError {
@@ -35,8 +37,9 @@ fn unknown(name: &str) -> ApiError {
 }
 
 impl Daemon {
-    /// A daemon for `config` (read from `config_path`, which reloads re-read).
-    pub fn new(config_path: &Path, config: Config) -> Arc<Daemon> {
+    /// A daemon for `config` (read from `config_path`, which reloads re-read). `host`
+    /// (state directory and daemon id) is needed by profiles with on-demand bastions.
+    pub fn new(config_path: &Path, config: Config, host: Option<Arc<Host>>) -> Arc<Daemon> {
         let clients: Arc<AsyncMutex<HashMap<AwsTarget, SsmApi>>> = Arc::default();
         let api: ApiProvider = Arc::new(move |p: &Profile| {
             let key = AwsTarget {
@@ -62,7 +65,7 @@ impl Daemon {
             .map(|p| {
                 (
                     p.name.clone(),
-                    ProfileRuntime::new(p, tunnel_config.clone(), api.clone()),
+                    ProfileRuntime::new(p, tunnel_config.clone(), api.clone(), host.clone()),
                 )
             })
             .collect();
@@ -72,6 +75,7 @@ impl Daemon {
             tunnel_config,
             api,
             reload_lock: AsyncMutex::new(()),
+            host,
         })
     }
 
@@ -84,6 +88,25 @@ impl Daemon {
             .get(name)
             .cloned()
             .ok_or_else(|| unknown(name))
+    }
+
+    /// Starts the lifecycle of every on-demand bastion: each reconciles its registry with
+    /// EC2/ECS (finishing what a killed daemon left), then reaps when idle.
+    pub fn start_bastions(&self) {
+        for p in self.profiles().values() {
+            p.start_bastion();
+        }
+    }
+
+    /// Lifecycle events of a profile's on-demand bastion.
+    pub fn bastion_events(
+        &self,
+        name: &str,
+    ) -> Result<tokio::sync::broadcast::Receiver<Progress>, ApiError> {
+        self.get(name)?.bastion_events().ok_or_else(|| ApiError {
+            code: "no_bastion".into(),
+            message: format!("profile {name:?} has no on-demand bastion (no bastion section)"),
+        })
     }
 
     /// Opens every profile marked `autostart`. Failures are recorded on the profile.
@@ -148,7 +171,12 @@ impl Daemon {
                     let was_open = rt.status().state != crate::api::ProfileState::Closed;
                     rt.close().await;
                     let fresh =
-                        ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
+                        ProfileRuntime::new(
+                        p,
+                        self.tunnel_config.clone(),
+                        self.api.clone(),
+                        self.host.clone(),
+                    );
                     if was_open || fresh.profile().autostart {
                         reopen.push(fresh.clone());
                     }
@@ -157,7 +185,12 @@ impl Daemon {
                 }
                 None => {
                     let fresh =
-                        ProfileRuntime::new(p, self.tunnel_config.clone(), self.api.clone());
+                        ProfileRuntime::new(
+                        p,
+                        self.tunnel_config.clone(),
+                        self.api.clone(),
+                        self.host.clone(),
+                    );
                     if fresh.profile().autostart {
                         reopen.push(fresh.clone());
                     }
@@ -173,6 +206,7 @@ impl Daemon {
             }
         }
         *self.profiles() = next;
+        self.start_bastions();
         for rt in reopen {
             if let Err(e) = rt.open(false, None).await {
                 tracing::warn!(profile = %rt.profile().name, error = %e.message, "reopen after reload failed");

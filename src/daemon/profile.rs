@@ -19,6 +19,8 @@ use crate::aws::ssm::{AwsError, SsmApi, StartRequest};
 use crate::config::{DOC_REMOTE_HOST, Listen, Profile, Target};
 use crate::proto::session::DataMode;
 use crate::proto::version::{REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION, agent_supports_remote_host};
+use crate::ondemand::Host;
+use crate::ondemand::manager::{Bastions, Decision};
 use crate::transport::ssm::{ResumeError, Resumer, Tunnel, TunnelConfig, TunnelStats};
 
 /// Gives a profile its SSM API client (cached per AWS profile and region).
@@ -88,6 +90,10 @@ pub struct ProfileRuntime {
     connections: AtomicUsize,
     total_connections: AtomicU64,
     tags: Mutex<TagResolution>,
+    /// The on-demand bastion (profiles with a `bastion` section).
+    bastion: Option<Arc<Bastions>>,
+    /// The task that ticks the bastion's lifecycle (runs while the profile exists).
+    bastion_ticker: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// `target_tags` at run time.
@@ -148,10 +154,30 @@ fn describe_ec2_error(profile: &Profile, e: &crate::aws::ec2::Ec2Error) -> Strin
 }
 
 impl ProfileRuntime {
-    /// A closed profile.
-    pub fn new(profile: Profile, mut tunnel_config: TunnelConfig, api: ApiProvider) -> Arc<Self> {
+    /// A closed profile. `host` is needed by profiles with a `bastion` section.
+    pub fn new(
+        profile: Profile,
+        mut tunnel_config: TunnelConfig,
+        api: ApiProvider,
+        host: Option<Arc<Host>>,
+    ) -> Arc<Self> {
         tunnel_config.connect_timeout = profile.connect_timeout;
+        let bastion = match (&profile.bastion, host) {
+            (Some(cfg), Some(host)) => Some(Bastions::new(
+                &profile.name,
+                cfg.clone(),
+                crate::aws::ssm::AwsTarget {
+                    profile: profile.aws_profile.clone(),
+                    region: profile.region.clone(),
+                    imds: profile.imds,
+                },
+                host,
+            )),
+            _ => None,
+        };
         Arc::new(ProfileRuntime {
+            bastion,
+            bastion_ticker: Mutex::default(),
             profile,
             tunnel_config,
             api,
@@ -194,6 +220,13 @@ impl ProfileRuntime {
     fn target_desc(&self) -> String {
         match (&self.profile.target, &self.tags().instance) {
             (Target::Tags(_), Some(id)) => format!("{} → {id}", self.profile.target),
+            (Target::OnDemand(_), _) => match self.bastion.as_ref().map(|b| b.status()) {
+                Some(s) => match s.target.or(s.resource) {
+                    Some(t) => format!("{} → {t}", self.profile.target),
+                    None => self.profile.target.to_string(),
+                },
+                None => self.profile.target.to_string(),
+            },
             (t, _) => t.to_string(),
         }
     }
@@ -222,9 +255,29 @@ impl ProfileRuntime {
             }
         }
         report("listening", Some(self.lock().listen_desc.join(" ")));
+        self.start_bastion();
         if warm {
+            // While a bastion boots, its lifecycle events are the progress.
+            let relay = match (&self.bastion, &progress) {
+                (Some(b), Some(p)) => {
+                    let mut events = b.subscribe();
+                    let p = p.clone();
+                    Some(tokio::spawn(async move {
+                        while let Ok(e) = events.recv().await {
+                            let _ = p.send(e).await;
+                        }
+                    }))
+                }
+                _ => None,
+            };
             report("starting_session", None);
-            match self.ensure_tunnel().await {
+            let result = self.ensure_tunnel().await;
+            if let Some(r) = relay {
+                // Let events already sent reach the client before the final line.
+                tokio::task::yield_now().await;
+                r.abort();
+            }
+            match result {
                 Ok(t) => report("ready", Some(t.session_id().to_owned())),
                 Err(e) => {
                     report("failed", Some(e.message.clone()));
@@ -611,6 +664,120 @@ impl ProfileRuntime {
         ))
     }
 
+    /// A bastion launched on demand: waits until it is ready (holding the connection),
+    /// then starts the session. Session Manager may still answer TargetNotConnected for
+    /// a moment after an instance reports Online (or a task's agent starts); that is
+    /// retried until `ready_timeout`.
+    async fn start_session_on_demand(
+        &self,
+        api: &SsmApi,
+    ) -> Result<crate::transport::ssm::SessionTicket, ApiError> {
+        let Some(bastion) = &self.bastion else {
+            return Err(user_error(
+                "no_state_dir",
+                format!(
+                    "profile {} launches its bastion on demand, but the daemon has no state directory \
+                     (start bastiond with --state-dir or set XDG_STATE_HOME)",
+                    self.profile.name
+                ),
+            ));
+        };
+        let ready_timeout = self
+            .profile
+            .bastion
+            .as_ref()
+            .map_or(Duration::from_secs(300), |b| b.ready_timeout);
+        let deadline = Instant::now() + ready_timeout;
+        loop {
+            let target = bastion.ensure_ready().await?;
+            match api.start_session(&self.start_request(target.clone())).await {
+                Ok(ticket) => return Ok(ticket),
+                Err(AwsError::TargetNotConnected(m)) if Instant::now() < deadline => {
+                    debug!(target = %target, reason = %m, "bastion not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    return Err(user_error(
+                        "start_session_failed",
+                        format!("{} (bastion {target})", describe_aws_error(&self.profile, &e)),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Starts ticking the on-demand bastion's lifecycle (idempotent): reconciles the
+    /// registry first, then every second refreshes its use, warns before its max lifetime
+    /// and ends it when idle or too old. Runs while the profile exists, open or not.
+    pub fn start_bastion(self: &Arc<Self>) {
+        let Some(bastion) = self.bastion.clone() else {
+            return;
+        };
+        let mut ticker = self
+            .bastion_ticker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if ticker.is_some() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let span = info_span!("bastion", profile = %self.profile.name);
+        *ticker = Some(tokio::spawn(
+            async move {
+                if let Err(e) = bastion.reconcile().await {
+                    warn!(error = %e.message, "bastion reconciliation failed");
+                }
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(me) = me.upgrade() else { return };
+                    let own: Vec<String> = me
+                        .lock()
+                        .live
+                        .iter()
+                        .map(|l| l.tunnel.session_id().to_owned())
+                        .collect();
+                    let open = me.connections.load(Ordering::Relaxed);
+                    if let Decision::Terminate(reason) = bastion.tick(open, &own).await {
+                        warn!(reason = %reason, "ending the bastion");
+                        me.end_all_sessions(&reason).await;
+                        if let Err(e) = bastion.terminate_now(&reason).await {
+                            warn!(error = %e.message, "cannot end the bastion");
+                            me.lock().last_error = Some(e.message);
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        ));
+    }
+
+    /// Ends every session of the pool (their connections are cut), keeping the listeners.
+    async fn end_all_sessions(&self, reason: &str) {
+        let live = std::mem::take(&mut self.lock().live);
+        for l in live {
+            info!(session_id = %l.tunnel.session_id(), reason, "ending session");
+            self.end_session(&l.tunnel).await;
+            let mut inner = self.lock();
+            let s = l.tunnel.stats();
+            inner.bytes_up_done += s.bytes_up;
+            inner.bytes_down_done += s.bytes_down;
+            inner.resumes_done += s.resumes;
+            inner.resume_attempts_done += s.resume_attempts;
+        }
+        let mut inner = self.lock();
+        if inner.state == ProfileState::Ready {
+            inner.state = ProfileState::Listening;
+        }
+        inner.last_error = Some(format!("sessions ended: {reason}"));
+    }
+
+    /// The on-demand bastion's lifecycle events (phases, boot progress, warnings).
+    pub fn bastion_events(&self) -> Option<tokio::sync::broadcast::Receiver<Progress>> {
+        self.bastion.as_ref().map(|b| b.subscribe())
+    }
+
     fn start_request(&self, target: String) -> StartRequest {
         let mut parameters = HashMap::new();
         parameters.insert(
@@ -644,6 +811,7 @@ impl ProfileRuntime {
                     )
                 })?,
             Target::Tags(tags) => self.start_session_by_tags(&api, tags).await?,
+            Target::OnDemand(_) => self.start_session_on_demand(&api).await?,
         };
         info!(profile = %self.profile.name, session_id = %ticket.session_id, "session started");
         let session_id = ticket.session_id.clone();
@@ -829,6 +997,7 @@ impl ProfileRuntime {
                 .and_then(|s| s.last_error.clone())
                 .or_else(|| inner.last_error.clone())
                 .or_else(|| stats.iter().find_map(|s| s.last_error.clone())),
+            bastion: self.bastion.as_ref().map(|b| b.status()),
         }
     }
 }

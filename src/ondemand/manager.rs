@@ -1,0 +1,880 @@
+//! The lifecycle of one profile's on-demand bastion:
+//!
+//! ```text
+//! (none) → launching → waiting_online → ready ⇄ idle → terminating → (gone)
+//! ```
+//!
+//! Each phase is written to the registry before the step it names is taken, with a
+//! compare-and-swap on the record's version, so two daemons sharing a registry never both
+//! launch or both terminate, and a daemon killed at any point finds, on its next start,
+//! a record that says what it was doing ([`Bastions::reconcile`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_types::SdkConfig;
+use tokio::sync::{Mutex as AsyncMutex, OnceCell, broadcast};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Host;
+use super::cloud::{Cloud, CloudError, Resource, ResourceState, TAG_LAUNCH_ID};
+use super::registry::{
+    DynamoRegistry, FileRegistry, Phase, ProviderKind, Record, Registry, RegistryError,
+    record_key,
+};
+use super::userdata::LaunchValues;
+use crate::api::{ApiError, BastionStatus, Progress};
+use crate::aws::ssm::{AwsTarget, SsmApi};
+use crate::config::bastion::{OnDemand, Provider, RegistryLocation};
+
+/// How long a lease on a record in a transient phase holds without renewal.
+const LEASE: Duration = Duration::from_secs(90);
+
+/// How often a bastion in use is re-checked against EC2/ECS.
+const VERIFY_EVERY: Duration = Duration::from_secs(30);
+
+/// How often Session Manager is polled while a bastion boots.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// How often the registry and the provider are reconciled while the daemon runs.
+const SWEEP_EVERY: Duration = Duration::from_secs(5 * 60);
+
+/// How often idle checks may call DescribeSessions.
+const SESSIONS_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// What the profile should do after a [`Bastions::tick`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing.
+    Keep,
+    /// End the profile's sessions and call [`Bastions::terminate_now`] with this reason.
+    Terminate(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn iso(ms: u64) -> String {
+    aws_smithy_types::DateTime::from_millis(ms as i64)
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .unwrap_or_default()
+}
+
+/// The AWS side, created on first use.
+struct Ctx {
+    cloud: Cloud,
+    ssm: SsmApi,
+    registry: Registry,
+    owner: String,
+    key: String,
+    region: String,
+}
+
+/// What the daemon last learned, for `status`.
+#[derive(Default)]
+struct Mem {
+    record: Option<Record>,
+    verified_at: Option<Instant>,
+    last_local_use: Option<Instant>,
+    touched_at: Option<Instant>,
+    warned_launch: Option<String>,
+    warning: Option<String>,
+    last_error: Option<String>,
+    sessions_checked_at: Option<Instant>,
+    swept_at: Option<Instant>,
+}
+
+/// A profile's on-demand bastion.
+pub struct Bastions {
+    profile: String,
+    cfg: OnDemand,
+    aws: AwsTarget,
+    host: Arc<Host>,
+    ctx: OnceCell<Ctx>,
+    events: broadcast::Sender<Progress>,
+    mem: Mutex<Mem>,
+    ensure: AsyncMutex<()>,
+}
+
+fn api_error(code: &str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code: code.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    api_error("registry_failed", e.to_string())
+}
+
+impl Bastions {
+    /// The bastion of `profile`, configured by `cfg`.
+    pub fn new(profile: &str, cfg: OnDemand, aws: AwsTarget, host: Arc<Host>) -> Arc<Bastions> {
+        Arc::new(Bastions {
+            profile: profile.to_owned(),
+            cfg,
+            aws,
+            host,
+            ctx: OnceCell::new(),
+            events: broadcast::channel(64).0,
+            mem: Mutex::default(),
+            ensure: AsyncMutex::new(()),
+        })
+    }
+
+    /// Lifecycle events (phase changes, progress while booting, warnings).
+    pub fn subscribe(&self) -> broadcast::Receiver<Progress> {
+        self.events.subscribe()
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, phase: &str, record: Option<&Record>, detail: Option<String>) {
+        let elapsed = record.map_or(0.0, |r| now_ms().saturating_sub(r.created_ms) as f64 / 1000.0);
+        let _ = self.events.send(Progress {
+            phase: phase.to_owned(),
+            elapsed_secs: elapsed,
+            detail,
+            resource: record.and_then(|r| r.resource.clone()),
+        });
+    }
+
+    fn remember(&self, record: Option<Record>) {
+        self.mem().record = record;
+    }
+
+    async fn ctx(&self) -> Result<&Ctx, ApiError> {
+        self.ctx
+            .get_or_try_init(|| async {
+                let config = crate::aws::ssm::load_config(&self.aws).await;
+                self.build_ctx(&config).await
+            })
+            .await
+    }
+
+    async fn build_ctx(&self, config: &SdkConfig) -> Result<Ctx, ApiError> {
+        let identity = crate::aws::sts::caller_identity(config).await.map_err(|e| {
+            api_error(
+                "credentials",
+                format!("cannot tell who is launching the bastion (sts:GetCallerIdentity): {e}"),
+            )
+        })?;
+        let cloud = match &self.cfg.provider {
+            Provider::Ec2(spec) => Cloud::Ec2 {
+                ec2: crate::aws::ec2::Ec2Api::new(config)
+                    .map_err(|e| api_error("aws_error", e.to_string()))?,
+                spec: Box::new(spec.clone()),
+            },
+            Provider::Fargate(spec) => Cloud::Fargate {
+                ecs: crate::aws::ecs::EcsApi::new(config),
+                spec: Box::new(spec.clone()),
+            },
+        };
+        let registry = match &self.cfg.registry {
+            RegistryLocation::Local => Registry::File(FileRegistry::new(
+                self.host.state_dir.join("registry.json"),
+                &self.host.daemon_id,
+            )),
+            RegistryLocation::DynamoDb(table) => Registry::Dynamo(DynamoRegistry::new(config, table)),
+        };
+        Ok(Ctx {
+            key: record_key(&self.profile, &identity.arn, self.cfg.shared),
+            owner: identity.arn,
+            ssm: SsmApi::new(config),
+            region: config.region().map(|r| r.to_string()).unwrap_or_default(),
+            cloud,
+            registry,
+        })
+    }
+
+    fn provider_kind(&self) -> ProviderKind {
+        match self.cfg.provider {
+            Provider::Ec2(_) => ProviderKind::Ec2,
+            Provider::Fargate(_) => ProviderKind::Fargate,
+        }
+    }
+
+    fn is_mine(&self, r: &Record) -> bool {
+        r.holder == self.host.daemon_id
+    }
+
+    /// A transient record we may act on: ours, or its holder's lease ran out.
+    fn may_take_over(&self, r: &Record) -> bool {
+        self.is_mine(r) || r.lease_until_ms <= now_ms()
+    }
+
+    fn tags(&self, ctx: &Ctx, launch_id: &str, expires_ms: u64) -> BTreeMap<String, String> {
+        let mut tags = self.cfg.tags.clone();
+        tags.insert("Name".into(), format!("bastion-{}", self.profile));
+        tags.insert("bastion:managed-by".into(), "bastion".into());
+        tags.insert("bastion:profile".into(), self.profile.clone());
+        tags.insert("bastion:key".into(), ctx.key.clone());
+        tags.insert("bastion:registry".into(), ctx.registry.id());
+        tags.insert("bastion:owner".into(), ctx.owner.clone());
+        tags.insert(TAG_LAUNCH_ID.into(), launch_id.to_owned());
+        tags.insert("bastion:expires".into(), iso(expires_ms));
+        tags
+    }
+
+    fn scope_tags(ctx: &Ctx) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("bastion:key".to_owned(), ctx.key.clone()),
+            ("bastion:registry".to_owned(), ctx.registry.id()),
+        ])
+    }
+
+    /// Makes sure the bastion runs and Session Manager reaches it; returns the session
+    /// target. Launches one if none exists (reusing a live one first), and waits at most
+    /// `ready_timeout` for it, reporting progress as events.
+    pub async fn ensure_ready(&self) -> Result<String, ApiError> {
+        let span = info_span!("bastion", profile = %self.profile);
+        async {
+            let ctx = self.ctx().await?;
+            let _guard = self.ensure.lock().await;
+            let deadline = Instant::now() + self.cfg.ready_timeout;
+            loop {
+                let record = ctx.registry.get(&ctx.key).await.map_err(registry_error)?;
+                self.remember(record.clone());
+                if Instant::now() >= deadline {
+                    let e = self.timeout_error(ctx, record.as_ref());
+                    self.emit("failed", record.as_ref(), Some(e.message.clone()));
+                    self.mem().last_error = Some(e.message.clone());
+                    return Err(e);
+                }
+                let Some(record) = record else {
+                    if !self.adopt_live(ctx).await? {
+                        self.launch(ctx).await?;
+                    }
+                    continue;
+                };
+                match record.phase {
+                    Phase::Ready | Phase::Idle => {
+                        if let Some(target) = self.use_ready(ctx, record).await? {
+                            return Ok(target);
+                        }
+                    }
+                    Phase::WaitingOnline => self.poll_online(ctx, record).await?,
+                    Phase::Launching if !self.may_take_over(&record) => {
+                        self.emit(
+                            "waiting_for_launch",
+                            Some(&record),
+                            Some(format!("another daemon ({}) is launching it", record.holder)),
+                        );
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Phase::Launching => self.recover_launching(ctx, record).await?,
+                    Phase::Terminating if !self.may_take_over(&record) => {
+                        self.emit("waiting_for_termination", Some(&record), None);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Phase::Terminating => self.finish_terminate(ctx, record).await?,
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn timeout_error(&self, ctx: &Ctx, record: Option<&Record>) -> ApiError {
+        let waited = self.cfg.ready_timeout.as_secs();
+        match record {
+            Some(r) if r.phase == Phase::WaitingOnline => {
+                let resource = r.resource.clone().unwrap_or_default();
+                let hint = match &self.cfg.provider {
+                    Provider::Ec2(spec) => format!(
+                        "check that {} can reach the Session Manager endpoints (a NAT gateway, or VPC \
+                         endpoints for ssm, ssmmessages and ec2messages) and that the instance profile{} \
+                         grants AmazonSSMManagedInstanceCore",
+                        spec.subnet.as_deref().map_or("its subnet".to_owned(), |s| format!("subnet {s}")),
+                        spec.instance_profile.as_deref().map_or(String::new(), |p| format!(" {p}")),
+                    ),
+                    Provider::Fargate(_) => "check that the task definition enables ECS exec (task role with \
+                        ssmmessages permissions) and that its subnets reach the Session Manager endpoints"
+                        .to_owned(),
+                };
+                api_error(
+                    "bastion_not_online",
+                    format!(
+                        "bastion {resource} of profile {} did not come online with Session Manager \
+                         within {waited} s; {hint}",
+                        self.profile
+                    ),
+                )
+            }
+            Some(r) => api_error(
+                "bastion_timeout",
+                format!(
+                    "bastion of profile {} still {} after {waited} s (registry {}, holder {})",
+                    self.profile,
+                    r.phase.as_str(),
+                    ctx.registry.id(),
+                    r.holder
+                ),
+            ),
+            None => api_error(
+                "bastion_timeout",
+                format!("no bastion for profile {} after {waited} s", self.profile),
+            ),
+        }
+    }
+
+    /// A ready record: checks now and then that the resource still runs; returns the
+    /// target, or `None` to look again.
+    async fn use_ready(&self, ctx: &Ctx, record: Record) -> Result<Option<String>, ApiError> {
+        if now_ms() >= record.expires_ms {
+            self.terminate_record(ctx, record, "max lifetime reached").await?;
+            return Ok(None);
+        }
+        let stale = self
+            .mem()
+            .verified_at
+            .is_none_or(|t| t.elapsed() >= VERIFY_EVERY);
+        if stale {
+            let resource = record.resource.clone().unwrap_or_default();
+            match ctx.cloud.state(&resource).await {
+                Ok(ResourceState::Gone) => {
+                    warn!(resource = %resource, "the bastion is gone; forgetting it");
+                    self.forget(ctx, &record, "gone").await?;
+                    return Ok(None);
+                }
+                Ok(_) => self.mem().verified_at = Some(Instant::now()),
+                Err(e) => warn!(error = %e, "cannot check the bastion; using it anyway"),
+            }
+        }
+        let mut record = record;
+        if record.phase == Phase::Idle {
+            let mut next = record.clone();
+            next.phase = Phase::Ready;
+            next.last_used_ms = now_ms();
+            next.version += 1;
+            if ctx.registry.put(&next, Some(record.version)).await.is_ok() {
+                record = next;
+            }
+        }
+        let target = record.target.clone().or(record.resource.clone());
+        self.emit("ready", Some(&record), target.clone());
+        self.remember(Some(record));
+        Ok(target)
+    }
+
+    /// Reuse before create: a live bastion of this scope in this registry without a record
+    /// (a crash lost it) is adopted.
+    async fn adopt_live(&self, ctx: &Ctx) -> Result<bool, ApiError> {
+        let mut found = ctx
+            .cloud
+            .find(&Self::scope_tags(ctx))
+            .await
+            .map_err(|e| self.cloud_error("finding a running bastion", e))?;
+        found.retain(|r| matches!(r.state, ResourceState::Running(_) | ResourceState::Pending));
+        found.sort_by_key(|r| std::cmp::Reverse(r.launched_ms));
+        let Some(r) = found.into_iter().next() else {
+            return Ok(false);
+        };
+        let adopted = self.adoption_record(ctx, &r);
+        match ctx.registry.put(&adopted, None).await {
+            Ok(()) => {
+                info!(resource = %r.id, "reusing a running bastion");
+                self.emit("reusing", Some(&adopted), Some(r.id.clone()));
+                Ok(true)
+            }
+            Err(RegistryError::Conflict(_)) => Ok(true),
+            Err(e) => Err(registry_error(e)),
+        }
+    }
+
+    fn adoption_record(&self, ctx: &Ctx, r: &Resource) -> Record {
+        let now = now_ms();
+        let created = r.launched_ms.unwrap_or(now);
+        Record {
+            key: ctx.key.clone(),
+            version: 1,
+            launch_id: r.tags.get(TAG_LAUNCH_ID).cloned().unwrap_or_default(),
+            provider: self.provider_kind(),
+            phase: Phase::WaitingOnline,
+            resource: Some(r.id.clone()),
+            target: None,
+            profile: self.profile.clone(),
+            owner: r.tags.get("bastion:owner").cloned().unwrap_or_else(|| ctx.owner.clone()),
+            holder: self.host.daemon_id.clone(),
+            lease_until_ms: now + ms(LEASE),
+            created_ms: created,
+            expires_ms: created + ms(self.cfg.max_lifetime),
+            last_used_ms: now,
+        }
+    }
+
+    fn cloud_error(&self, doing: &str, e: CloudError) -> ApiError {
+        let message = format!("profile {}: {doing}: {}", self.profile, e.message);
+        self.mem().last_error = Some(message.clone());
+        api_error(e.code, message)
+    }
+
+    /// Records `launching`, then launches.
+    async fn launch(&self, ctx: &Ctx) -> Result<(), ApiError> {
+        let now = now_ms();
+        let record = Record {
+            key: ctx.key.clone(),
+            version: 1,
+            launch_id: uuid::Uuid::new_v4().to_string(),
+            provider: self.provider_kind(),
+            phase: Phase::Launching,
+            resource: None,
+            target: None,
+            profile: self.profile.clone(),
+            owner: ctx.owner.clone(),
+            holder: self.host.daemon_id.clone(),
+            lease_until_ms: now + ms(LEASE),
+            created_ms: now,
+            expires_ms: now + ms(self.cfg.max_lifetime),
+            last_used_ms: now,
+        };
+        match ctx.registry.put(&record, None).await {
+            Ok(()) => {}
+            Err(RegistryError::Conflict(_)) => return Ok(()),
+            Err(e) => return Err(registry_error(e)),
+        }
+        info!(launch_id = %record.launch_id, provider = ctx.cloud.kind(), "launching a bastion");
+        self.emit("launching", Some(&record), None);
+        let tags = self.tags(ctx, &record.launch_id, record.expires_ms);
+        let values = LaunchValues {
+            launch_id: record.launch_id.clone(),
+            owner: ctx.owner.clone(),
+            region: ctx.region.clone(),
+            max_lifetime: self.cfg.max_lifetime,
+        };
+        match ctx.cloud.launch(&ctx.ssm, &tags, &values).await {
+            Ok(resource) => {
+                let mut next = record.clone();
+                next.version += 1;
+                next.phase = Phase::WaitingOnline;
+                next.resource = Some(resource.id.clone());
+                next.lease_until_ms = now_ms() + ms(LEASE);
+                info!(resource = %resource.id, "bastion launched; waiting for Session Manager");
+                ctx.registry
+                    .put(&next, Some(record.version))
+                    .await
+                    .map_err(registry_error)?;
+                self.emit("launched", Some(&next), Some(resource.id));
+                Ok(())
+            }
+            Err(e) => {
+                let err = self.cloud_error("cannot launch a bastion", e);
+                warn!(error = %err.message, "launch failed");
+                if let Err(d) = ctx.registry.delete(&record.key, record.version).await {
+                    warn!(error = %d, "cannot remove the failed launch from the registry");
+                }
+                self.emit("failed", Some(&record), Some(err.message.clone()));
+                Err(err)
+            }
+        }
+    }
+
+    /// `waiting_online`: one poll of Session Manager (and of the resource).
+    async fn poll_online(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
+        let resource = record.resource.clone().unwrap_or_default();
+        let online = ctx
+            .cloud
+            .online(&ctx.ssm, &resource)
+            .await
+            .map_err(|e| self.cloud_error("checking whether the bastion is online", e))?;
+        if let Some(target) = online {
+            let mut next = record.clone();
+            next.version += 1;
+            next.phase = Phase::Ready;
+            next.target = Some(target.clone());
+            next.last_used_ms = now_ms();
+            match ctx.registry.put(&next, Some(record.version)).await {
+                Ok(()) => {
+                    info!(resource = %resource, target = %target, "bastion online");
+                    self.mem().verified_at = Some(Instant::now());
+                    Ok(())
+                }
+                Err(RegistryError::Conflict(_)) => Ok(()),
+                Err(e) => Err(registry_error(e)),
+            }
+        } else {
+            if ctx.cloud.state(&resource).await.ok() == Some(ResourceState::Gone) {
+                self.forget(ctx, &record, "gone").await?;
+                return Err(api_error(
+                    "bastion_gone",
+                    format!("bastion {resource} of profile {} stopped while it was booting", self.profile),
+                ));
+            }
+            if self.is_mine(&record) && record.lease_until_ms < now_ms() + ms(LEASE) / 2 {
+                let mut next = record.clone();
+                next.version += 1;
+                next.lease_until_ms = now_ms() + ms(LEASE);
+                let _ = ctx.registry.put(&next, Some(record.version)).await;
+            }
+            self.emit("waiting_online", Some(&record), Some(resource));
+            tokio::time::sleep(POLL_EVERY).await;
+            Ok(())
+        }
+    }
+
+    /// `launching` left by a daemon that died: adopts what it launched, or forgets it.
+    async fn recover_launching(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
+        let mut tags = Self::scope_tags(ctx);
+        tags.insert(TAG_LAUNCH_ID.into(), record.launch_id.clone());
+        let found = ctx
+            .cloud
+            .find(&tags)
+            .await
+            .map_err(|e| self.cloud_error("looking for an interrupted launch", e))?;
+        match found.into_iter().find(|r| r.state != ResourceState::Gone) {
+            Some(r) => {
+                let mut next = record.clone();
+                next.version += 1;
+                next.phase = Phase::WaitingOnline;
+                next.resource = Some(r.id.clone());
+                next.holder = self.host.daemon_id.clone();
+                next.lease_until_ms = now_ms() + ms(LEASE);
+                info!(resource = %r.id, "adopting the bastion of an interrupted launch");
+                match ctx.registry.put(&next, Some(record.version)).await {
+                    Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
+                    Err(e) => Err(registry_error(e)),
+                }
+            }
+            None => {
+                info!(launch_id = %record.launch_id, "an interrupted launch left nothing; forgetting it");
+                match ctx.registry.delete(&record.key, record.version).await {
+                    Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
+                    Err(e) => Err(registry_error(e)),
+                }
+            }
+        }
+    }
+
+    async fn forget(&self, ctx: &Ctx, record: &Record, phase: &str) -> Result<(), ApiError> {
+        match ctx.registry.delete(&record.key, record.version).await {
+            Ok(()) => {
+                self.emit(phase, Some(record), record.resource.clone());
+                self.remember(None);
+                Ok(())
+            }
+            Err(RegistryError::Conflict(_)) => Ok(()),
+            Err(e) => Err(registry_error(e)),
+        }
+    }
+
+    /// Records `terminating`, then terminates.
+    async fn terminate_record(&self, ctx: &Ctx, record: Record, reason: &str) -> Result<(), ApiError> {
+        let mut next = record.clone();
+        next.version += 1;
+        next.phase = Phase::Terminating;
+        next.holder = self.host.daemon_id.clone();
+        next.lease_until_ms = now_ms() + ms(LEASE);
+        match ctx.registry.put(&next, Some(record.version)).await {
+            Ok(()) => {}
+            Err(RegistryError::Conflict(_)) => return Ok(()),
+            Err(e) => return Err(registry_error(e)),
+        }
+        info!(resource = ?next.resource, reason, "terminating the bastion");
+        self.emit("terminating", Some(&next), Some(reason.to_owned()));
+        self.finish_terminate(ctx, next).await
+    }
+
+    /// `terminating`: terminate (idempotent), then delete the record.
+    async fn finish_terminate(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
+        let mut ids: Vec<String> = record.resource.iter().cloned().collect();
+        if ids.is_empty() {
+            let mut tags = Self::scope_tags(ctx);
+            tags.insert(TAG_LAUNCH_ID.into(), record.launch_id.clone());
+            ids = ctx
+                .cloud
+                .find(&tags)
+                .await
+                .map_err(|e| self.cloud_error("looking for the bastion to terminate", e))?
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+        }
+        for id in &ids {
+            ctx.cloud
+                .terminate(id, "bastion: idle or max lifetime")
+                .await
+                .map_err(|e| self.cloud_error("cannot terminate the bastion", e))?;
+        }
+        self.forget(ctx, &record, "terminated").await
+    }
+
+    /// Ends the bastion now (after [`Decision::Terminate`]; the profile has ended its
+    /// sessions).
+    pub async fn terminate_now(&self, reason: &str) -> Result<(), ApiError> {
+        let ctx = self.ctx().await?;
+        let _guard = self.ensure.lock().await;
+        let Some(record) = ctx.registry.get(&ctx.key).await.map_err(registry_error)? else {
+            return Ok(());
+        };
+        match record.phase {
+            Phase::Ready | Phase::Idle | Phase::WaitingOnline => {
+                self.terminate_record(ctx, record, reason).await
+            }
+            Phase::Terminating if self.may_take_over(&record) => {
+                self.finish_terminate(ctx, record).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Called about every second by the profile: keeps the record's use time fresh, warns
+    /// before the max lifetime, decides idle and lifetime termination, and sweeps the
+    /// registry now and then. `connections` are the profile's open connections;
+    /// `own_sessions` its live session ids (not counted as someone else's use).
+    pub async fn tick(&self, connections: usize, own_sessions: &[String]) -> Decision {
+        let Some(ctx) = self.ctx.get() else {
+            return Decision::Keep;
+        };
+        let sweep_due = self.mem().swept_at.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+        if sweep_due && connections == 0 {
+            self.mem().swept_at = Some(Instant::now());
+            if let Err(e) = self.reconcile().await {
+                warn!(profile = %self.profile, error = %e.message, "bastion reconciliation failed");
+            }
+        }
+        if connections > 0 {
+            self.mem().last_local_use = Some(Instant::now());
+        }
+        let record = match ctx.registry.get(&ctx.key).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.remember(None);
+                return Decision::Keep;
+            }
+            Err(e) => {
+                warn!(profile = %self.profile, error = %e, "cannot read the bastion registry");
+                return Decision::Keep;
+            }
+        };
+        self.remember(Some(record.clone()));
+        if !matches!(record.phase, Phase::Ready | Phase::Idle) {
+            return Decision::Keep;
+        }
+        let now = now_ms();
+        if now >= record.expires_ms {
+            return Decision::Terminate(format!(
+                "max lifetime ({}) reached",
+                humanize(self.cfg.max_lifetime)
+            ));
+        }
+        if now + ms(self.cfg.lifetime_warning) >= record.expires_ms {
+            let first = self.mem().warned_launch.as_deref() != Some(record.launch_id.as_str());
+            if first {
+                let message = format!(
+                    "bastion {} of profile {} reaches its max lifetime ({}) in {}; its connections will then be closed",
+                    record.resource.as_deref().unwrap_or("?"),
+                    self.profile,
+                    humanize(self.cfg.max_lifetime),
+                    humanize(Duration::from_millis(record.expires_ms - now)),
+                );
+                warn!(profile = %self.profile, "{message}");
+                self.emit("lifetime_warning", Some(&record), Some(message.clone()));
+                let mut mem = self.mem();
+                mem.warned_launch = Some(record.launch_id.clone());
+                mem.warning = Some(message);
+            }
+        }
+        if connections > 0 {
+            self.touch(ctx, record).await;
+            return Decision::Keep;
+        }
+        let used_here = self.mem().last_local_use.take().is_some();
+        if used_here {
+            // The last connection through this daemon just ended: the idle clock starts.
+            let mut next = record.clone();
+            next.version += 1;
+            next.phase = Phase::Idle;
+            next.last_used_ms = now;
+            if ctx.registry.put(&next, Some(record.version)).await.is_ok() {
+                self.emit("idle", Some(&next), None);
+            }
+            return Decision::Keep;
+        }
+        let idle_since = record.last_used_ms;
+        if now < idle_since + ms(self.cfg.idle_timeout) {
+            return Decision::Keep;
+        }
+        let due = self
+            .mem()
+            .sessions_checked_at
+            .is_none_or(|t| t.elapsed() >= SESSIONS_CHECK_EVERY);
+        if !due {
+            return Decision::Keep;
+        }
+        self.mem().sessions_checked_at = Some(Instant::now());
+        let target = record.target.clone().or(record.resource.clone()).unwrap_or_default();
+        match ctx.ssm.active_sessions(&target).await {
+            Ok(active) => {
+                let others: Vec<&String> = active.iter().filter(|s| !own_sessions.contains(s)).collect();
+                if others.is_empty() {
+                    Decision::Terminate(format!(
+                        "idle for {} (no connection, no Active session)",
+                        humanize(self.cfg.idle_timeout)
+                    ))
+                } else {
+                    info!(profile = %self.profile, sessions = others.len(), "bastion idle here but used by other sessions; keeping it");
+                    Decision::Keep
+                }
+            }
+            Err(e) => {
+                warn!(profile = %self.profile, error = %e, "cannot list the bastion's sessions; keeping it");
+                Decision::Keep
+            }
+        }
+    }
+
+    /// Refreshes `last_used` (and `ready`) while connections use the bastion.
+    async fn touch(&self, ctx: &Ctx, record: Record) {
+        let every = (self.cfg.idle_timeout / 3).min(Duration::from_secs(30));
+        let due = self.mem().touched_at.is_none_or(|t| t.elapsed() >= every);
+        if !due && record.phase == Phase::Ready {
+            return;
+        }
+        let mut next = record.clone();
+        next.version += 1;
+        next.phase = Phase::Ready;
+        next.last_used_ms = now_ms();
+        if ctx.registry.put(&next, Some(record.version)).await.is_ok() {
+            self.mem().touched_at = Some(Instant::now());
+        }
+    }
+
+    /// Reconciles the registry with EC2/ECS: finishes what a killed daemon left half done
+    /// (an interrupted launch is adopted or forgotten, an interrupted termination
+    /// completed), forgets bastions that are gone, ends expired ones, and terminates live
+    /// bastions of this profile and registry that no record owns, unless a Session
+    /// Manager session uses them (then they are adopted).
+    pub async fn reconcile(&self) -> Result<(), ApiError> {
+        let ctx = self.ctx().await?;
+        let Ok(_guard) = self.ensure.try_lock() else {
+            return Ok(());
+        };
+        // Resources first, records second: a record is written before its launch, so any
+        // resource seen here has its record by the time the records are read.
+        let live = ctx
+            .cloud
+            .find(&Self::scope_tags(ctx))
+            .await
+            .map_err(|e| self.cloud_error("listing bastions", e))?;
+        if let Some(record) = ctx.registry.get(&ctx.key).await.map_err(registry_error)? {
+            match record.phase {
+                Phase::Launching if self.may_take_over(&record) => {
+                    self.recover_launching(ctx, record).await?
+                }
+                Phase::Terminating if self.may_take_over(&record) => {
+                    self.finish_terminate(ctx, record).await?
+                }
+                Phase::WaitingOnline | Phase::Ready | Phase::Idle => {
+                    let resource = record.resource.clone().unwrap_or_default();
+                    let state = ctx
+                        .cloud
+                        .state(&resource)
+                        .await
+                        .map_err(|e| self.cloud_error("checking the bastion", e))?;
+                    if state == ResourceState::Gone {
+                        info!(resource = %resource, "the registry's bastion is gone; forgetting it");
+                        self.forget(ctx, &record, "gone").await?;
+                    } else if now_ms() >= record.expires_ms {
+                        self.terminate_record(ctx, record, "max lifetime reached").await?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let owned = ctx
+            .registry
+            .get(&ctx.key)
+            .await
+            .map_err(registry_error)?
+            .map(|r| r.launch_id);
+        for r in live {
+            if r.tags.get(TAG_LAUNCH_ID) == owned.as_ref() && owned.is_some() {
+                continue;
+            }
+            let target = match &r.state {
+                ResourceState::Running(t) => t.clone(),
+                _ => None,
+            };
+            let used = match &target {
+                Some(t) => ctx.ssm.active_sessions(t).await.map(|s| !s.is_empty()).unwrap_or(true),
+                None => false,
+            };
+            if used && owned.is_none() {
+                info!(resource = %r.id, "adopting a bastion in use that no record owned");
+                let mut adopted = self.adoption_record(ctx, &r);
+                adopted.phase = Phase::Ready;
+                adopted.target = target;
+                if let Err(e) = ctx.registry.put(&adopted, None).await {
+                    warn!(error = %e, "cannot record the adopted bastion");
+                }
+            } else if used {
+                warn!(resource = %r.id, "a second bastion of this profile is in use; leaving it until its sessions end");
+            } else {
+                info!(resource = %r.id, "terminating a bastion that no registry record owns");
+                if let Err(e) = ctx.cloud.terminate(&r.id, "bastion: orphan").await {
+                    warn!(resource = %r.id, error = %e, "cannot terminate an orphaned bastion");
+                } else {
+                    let _ = self.events.send(Progress {
+                        phase: "orphan_terminated".into(),
+                        elapsed_secs: 0.0,
+                        detail: Some(r.id.clone()),
+                        resource: Some(r.id.clone()),
+                    });
+                }
+            }
+        }
+        self.mem().swept_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> BastionStatus {
+        let mem = self.mem();
+        let now = now_ms();
+        let r = mem.record.as_ref();
+        BastionStatus {
+            provider: match self.cfg.provider {
+                Provider::Ec2(_) => "ec2".into(),
+                Provider::Fargate(_) => "fargate".into(),
+            },
+            phase: r.map_or("none", |r| r.phase.as_str()).to_owned(),
+            resource: r.and_then(|r| r.resource.clone()),
+            target: r.and_then(|r| r.target.clone()),
+            registry: match &self.cfg.registry {
+                RegistryLocation::Local => "local".into(),
+                RegistryLocation::DynamoDb(t) => format!("dynamodb:{t}"),
+            },
+            shared: self.cfg.shared,
+            holder: r.map(|r| r.holder.clone()),
+            age_secs: r.map(|r| now.saturating_sub(r.created_ms) / 1000),
+            expires_in_secs: r.map(|r| r.expires_ms.saturating_sub(now) / 1000),
+            idle_secs: r
+                .filter(|r| r.phase == Phase::Idle)
+                .map(|r| now.saturating_sub(r.last_used_ms) / 1000),
+            warning: mem.warning.clone(),
+            last_error: mem.last_error.clone(),
+        }
+    }
+}
+
+/// `90s`, `5m`, `8h`, `1h30m`.
+pub fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
