@@ -19,9 +19,10 @@
 //!   attempts for throttling, 5xx answers and transport failures, with jittered
 //!   exponential backoff; answers larger than 32 MiB are refused.
 //!
-//! Growing it (RunInstances, TerminateInstances, CreateTags): a [`Ec2Api::call`] with the
-//! action's parameters and a parser over the returned [`XmlElement`]. Since `call`
-//! retries, a mutating action should carry a `ClientToken` so a retry cannot act twice.
+//! On-demand bastions (`launch`): [`Ec2Api::run_instance`] (RunInstances with a
+//! `ClientToken`, since `call` retries), [`Ec2Api::terminate_instances`] and
+//! [`Ec2Api::instances_with_tags`]. Growing it further: a [`Ec2Api::call`] with the
+//! action's parameters and a parser over the returned [`XmlElement`].
 //!
 //! Nothing here logs credentials, signatures or request bodies.
 
@@ -140,6 +141,42 @@ pub enum Ec2Error {
     /// The region or endpoint settings cannot be used.
     #[error("EC2 client not configured: {0}")]
     Config(String),
+    /// EC2 has no capacity for the launch right now (`InsufficientInstanceCapacity`,
+    /// `InsufficientFreeAddressesInSubnet`, …).
+    #[error(
+        "EC2 has no capacity for this launch ({code}): {message}; retry later, or pick \
+         another instance type or a subnet in another Availability Zone"
+    )]
+    Capacity {
+        /// EC2's error code.
+        code: String,
+        /// EC2's message.
+        message: String,
+    },
+    /// An account limit was reached (`InstanceLimitExceeded`, `VcpuLimitExceeded`, …).
+    #[error(
+        "EC2 quota reached ({code}): {message}; raise the EC2 quota (Service Quotas) or \
+         pick a smaller instance type"
+    )]
+    Quota {
+        /// EC2's error code.
+        code: String,
+        /// EC2's message.
+        message: String,
+    },
+    /// A launch setting names something that does not exist or is not valid (subnet,
+    /// security group, AMI, launch template, key pair, instance profile, parameter
+    /// value).
+    #[error(
+        "EC2 rejected a launch setting ({code}): {message}; check the profile's subnet, \
+         security groups, image, instance type, launch template and instance profile"
+    )]
+    InvalidParameter {
+        /// EC2's error code.
+        code: String,
+        /// EC2's message.
+        message: String,
+    },
 }
 
 impl Ec2Error {
@@ -193,6 +230,9 @@ impl Ec2Error {
             | "SlowDown"
             | "PriorRequestNotComplete"
             | "BandwidthLimitExceeded" => Ec2Error::Throttled { code, message },
+            c if is_capacity_code(c) => Ec2Error::Capacity { code, message },
+            c if is_quota_code(c) => Ec2Error::Quota { code, message },
+            c if is_invalid_parameter_code(c) => Ec2Error::InvalidParameter { code, message },
             _ => Ec2Error::Service {
                 status,
                 code,
@@ -200,6 +240,49 @@ impl Ec2Error {
             },
         }
     }
+}
+
+/// EC2 is out of capacity for the request (in that Availability Zone, for now).
+fn is_capacity_code(code: &str) -> bool {
+    (code.starts_with("Insufficient") && code.ends_with("Capacity"))
+        || matches!(
+            code,
+            "InsufficientFreeAddressesInSubnet" | "InsufficientCapacityOnHost"
+        )
+}
+
+/// An account limit; request-rate limits are throttling and matched before this.
+fn is_quota_code(code: &str) -> bool {
+    code.ends_with("LimitExceeded") || code == "MaxSpotInstanceCountExceeded"
+}
+
+/// A parameter of the request names nothing that exists, or is malformed.
+fn is_invalid_parameter_code(code: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "InvalidSubnetID.",
+        "InvalidSubnet.",
+        "InvalidGroup.",
+        "InvalidGroupId.",
+        "InvalidSecurityGroupID.",
+        "InvalidAMIID.",
+        "InvalidLaunchTemplateName.",
+        "InvalidLaunchTemplateId.",
+        "InvalidKeyPair.",
+        "InvalidUserData.",
+        "InvalidBlockDeviceMapping",
+        "InvalidInstanceType",
+        "InvalidIamInstanceProfile",
+    ];
+    matches!(
+        code,
+        "InvalidParameterValue"
+            | "InvalidParameterCombination"
+            | "InvalidParameter"
+            | "MissingParameter"
+            | "InvalidSubnet"
+            | "Unsupported"
+            | "NoSuchEntity"
+    ) || PREFIXES.iter().any(|p| code.starts_with(p))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -487,8 +570,16 @@ pub fn filter_params(filters: &[Filter]) -> Vec<(String, String)> {
 
 /// The filters for running instances that carry every tag in `tags` (exact values).
 pub fn running_with_tags_filters(tags: &BTreeMap<String, String>) -> Vec<Filter> {
+    tags_and_states_filters(tags, &["running"])
+}
+
+/// The filters for instances that carry every tag in `tags` (exact values) and are in
+/// one of `states` (no state filter when empty).
+pub fn tags_and_states_filters(tags: &BTreeMap<String, String>, states: &[&str]) -> Vec<Filter> {
     let mut filters: Vec<Filter> = tags.iter().map(|(k, v)| Filter::tag_equals(k, v)).collect();
-    filters.push(Filter::new("instance-state-name", ["running"]));
+    if !states.is_empty() {
+        filters.push(Filter::new("instance-state-name", states.iter().copied()));
+    }
     filters
 }
 
@@ -1108,11 +1199,25 @@ impl Ec2Api {
         &self,
         tags: &BTreeMap<String, String>,
     ) -> Result<Vec<Instance>, Ec2Error> {
+        self.instances_with_tags(tags, &["running"]).await
+    }
+
+    /// The instances that carry every tag in `tags` with exactly that value and whose
+    /// state is one of `states` (any state when empty), across all pages of
+    /// DescribeInstances, ordered by [`order_candidates`] (newest first). The match is
+    /// re-checked here, so an endpoint that ignored a filter cannot select a wrong one.
+    pub async fn instances_with_tags(
+        &self,
+        tags: &BTreeMap<String, String>,
+        states: &[&str],
+    ) -> Result<Vec<Instance>, Ec2Error> {
         let mut found = self
-            .describe_instances(&running_with_tags_filters(tags))
+            .describe_instances(&tags_and_states_filters(tags, states))
             .await?;
-        found
-            .retain(|i| i.state == "running" && tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)));
+        found.retain(|i| {
+            (states.is_empty() || states.contains(&i.state.as_str()))
+                && tags.iter().all(|(k, v)| i.tags.get(k) == Some(v))
+        });
         order_candidates(&mut found);
         Ok(found)
     }
@@ -1125,6 +1230,13 @@ pub fn describe_tags(tags: &BTreeMap<String, String>) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+mod launch;
+
+pub use launch::{
+    LaunchSpec, LaunchTemplateRef, parse_run_instances, parse_terminate_instances,
+    run_instances_params,
+};
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,7 @@
-//! Thin calls into aws-sdk-ssm: StartSession, ResumeSession and TerminateSession, with
-//! AWS errors mapped to the plain reasons a user can act on.
+//! Thin calls into aws-sdk-ssm: StartSession, ResumeSession and TerminateSession; for
+//! on-demand bastions GetParameter (the latest AMI), DescribeInstanceInformation (is the
+//! agent online?) and DescribeSessions (is the bastion in use?). AWS errors are mapped to
+//! the plain reasons a user can act on.
 //!
 //! Credentials and endpoints come from the standard `aws-config` chain, so
 //! `AWS_PROFILE`, SSO, `credential_process`, `AWS_ENDPOINT_URL` and
@@ -22,12 +24,18 @@ use aws_config::web_identity_token::WebIdentityTokenCredentialsProvider;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ssm::config::SharedHttpClient;
 use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ssm::types::{
+    InstanceInformationStringFilter, SessionFilter, SessionFilterKey, SessionState,
+};
 use aws_smithy_http_client::Connector;
 use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::tls;
 use thiserror::Error;
 
 use crate::transport::ssm::SessionTicket;
+
+/// Most pages of a listing followed before giving up.
+const MAX_PAGES: usize = 1000;
 
 /// Where and as whom to call AWS.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -187,7 +195,8 @@ impl AwsError {
     }
 }
 
-fn map_err<E, R>(err: SdkError<E, R>) -> AwsError
+/// Maps an SDK error of any AWS service to an [`AwsError`].
+pub(crate) fn map_err<E, R>(err: SdkError<E, R>) -> AwsError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: fmt::Debug,
@@ -305,6 +314,105 @@ impl SsmApi {
             .await
             .map_err(map_err)?;
         Ok(out.token_value().unwrap_or_default().to_owned())
+    }
+
+    /// GetParameter (e.g. `/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64`,
+    /// the latest Amazon Linux 2023 AMI id): the value. A parameter that does not exist
+    /// is `AwsError::Other { code: "ParameterNotFound", .. }` naming it.
+    pub async fn get_parameter(&self, name: &str) -> Result<String, AwsError> {
+        let out = self
+            .client
+            .get_parameter()
+            .name(name)
+            .send()
+            .await
+            .map_err(|e| match map_err(e) {
+                AwsError::Other { code, message } if code == "ParameterNotFound" => {
+                    AwsError::Other {
+                        message: format!(
+                            "SSM parameter {name} does not exist in this region{}{message}",
+                            if message.is_empty() { "" } else { ": " }
+                        ),
+                        code,
+                    }
+                }
+                other => other,
+            })?;
+        out.parameter()
+            .and_then(|p| p.value())
+            .map(str::to_owned)
+            .ok_or_else(|| AwsError::Malformed(format!("GetParameter {name} returned no value")))
+    }
+
+    /// DescribeInstanceInformation filtered to `instance_id`: its `PingStatus`
+    /// (`Online`, `ConnectionLost`, `Inactive`), `None` while its agent has not
+    /// registered with Session Manager.
+    pub async fn ping_status(&self, instance_id: &str) -> Result<Option<String>, AwsError> {
+        let filter = InstanceInformationStringFilter::builder()
+            .key("InstanceIds")
+            .values(instance_id)
+            .build()
+            .map_err(|e| AwsError::Other {
+                code: "request".into(),
+                message: e.to_string(),
+            })?;
+        let out = self
+            .client
+            .describe_instance_information()
+            .filters(filter)
+            .send()
+            .await
+            .map_err(map_err)?;
+        Ok(out
+            .instance_information_list()
+            .iter()
+            .find(|i| i.instance_id() == Some(instance_id))
+            .and_then(|i| i.ping_status())
+            .map(|p| p.as_str().to_owned()))
+    }
+
+    /// DescribeSessions `State=Active` with the filter `Target=target`, all pages: the
+    /// ids of the sessions open on `target`.
+    pub async fn active_sessions(&self, target: &str) -> Result<Vec<String>, AwsError> {
+        let filter = SessionFilter::builder()
+            .key(SessionFilterKey::TargetId)
+            .value(target)
+            .build()
+            .map_err(|e| AwsError::Other {
+                code: "request".into(),
+                message: e.to_string(),
+            })?;
+        let mut ids = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let out = self
+                .client
+                .describe_sessions()
+                .state(SessionState::Active)
+                .filters(filter.clone())
+                .set_next_token(token.clone())
+                .send()
+                .await
+                .map_err(map_err)?;
+            ids.extend(
+                out.sessions()
+                    .iter()
+                    .filter_map(|s| s.session_id())
+                    .map(str::to_owned),
+            );
+            match out.next_token().filter(|t| !t.is_empty()) {
+                None => return Ok(ids),
+                Some(next) if token.as_deref() == Some(next) => {
+                    return Err(AwsError::Malformed(
+                        "DescribeSessions returned the same NextToken twice".into(),
+                    ));
+                }
+                Some(next) => token = Some(next.to_owned()),
+            }
+        }
+        Err(AwsError::Malformed(format!(
+            "DescribeSessions did not end within {MAX_PAGES} pages"
+        )))
     }
 
     /// TerminateSession.

@@ -18,8 +18,10 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod dynamodb;
 pub mod file;
 
+pub use dynamodb::DynamoRegistry;
 pub use file::FileRegistry;
 
 /// Where a bastion is in its life. Each phase is recorded before the step it names is
@@ -128,6 +130,8 @@ pub enum RegistryError {
 pub enum Registry {
     /// A JSON file (one daemon).
     File(FileRegistry),
+    /// A DynamoDB table (shared by a team).
+    Dynamo(DynamoRegistry),
 }
 
 impl Registry {
@@ -136,6 +140,7 @@ impl Registry {
     pub fn id(&self) -> String {
         match self {
             Registry::File(f) => f.id(),
+            Registry::Dynamo(d) => d.id(),
         }
     }
 
@@ -143,6 +148,7 @@ impl Registry {
     pub async fn get(&self, key: &str) -> Result<Option<Record>, RegistryError> {
         match self {
             Registry::File(f) => f.get(key).await,
+            Registry::Dynamo(d) => d.get(key).await,
         }
     }
 
@@ -151,6 +157,7 @@ impl Registry {
     pub async fn put(&self, record: &Record, expect: Option<u64>) -> Result<(), RegistryError> {
         match self {
             Registry::File(f) => f.put(record, expect).await,
+            Registry::Dynamo(d) => d.put(record, expect).await,
         }
     }
 
@@ -158,6 +165,7 @@ impl Registry {
     pub async fn delete(&self, key: &str, expect: u64) -> Result<(), RegistryError> {
         match self {
             Registry::File(f) => f.delete(key, expect).await,
+            Registry::Dynamo(d) => d.delete(key, expect).await,
         }
     }
 
@@ -165,6 +173,7 @@ impl Registry {
     pub async fn list(&self) -> Result<Vec<Record>, RegistryError> {
         match self {
             Registry::File(f) => f.list().await,
+            Registry::Dynamo(d) => d.list().await,
         }
     }
 }
