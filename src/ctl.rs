@@ -304,12 +304,36 @@ impl Client {
                 body: None,
                 buf: line,
                 finished: false,
+                open_ended: false,
             });
         }
         Ok(WarmOpen {
             body: Some(resp.into_body()),
             buf: Vec::new(),
             finished: false,
+            open_ended: false,
+        })
+    }
+
+    /// `GET /v1/profiles/{name}/events`: the on-demand bastion's lifecycle events as
+    /// they happen (progress lines only; the stream ends when the daemon closes it).
+    pub async fn events(&self, name: &str) -> Result<WarmOpen, CtlError> {
+        let resp = tokio::time::timeout(
+            self.timeout,
+            self.send(Method::GET, &profile_route(name, Some("events")), None),
+        )
+        .await
+        .map_err(|_| CtlError::Timeout(self.timeout))??;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = read_all(resp.into_body()).await?;
+            return Err(api_error(status, &bytes));
+        }
+        Ok(WarmOpen {
+            body: Some(resp.into_body()),
+            buf: Vec::new(),
+            finished: false,
+            open_ended: true,
         })
     }
 
@@ -355,12 +379,14 @@ fn api_error(status: StatusCode, body: &[u8]) -> CtlError {
     }
 }
 
-/// The progress stream of a warm open.
+/// The progress stream of a warm open (or of `events`).
 #[derive(Debug)]
 pub struct WarmOpen {
     body: Option<Incoming>,
     buf: Vec<u8>,
     finished: bool,
+    /// An `events` stream: it has no final line, and its end is not an error.
+    open_ended: bool,
 }
 
 /// One line of a [`WarmOpen`] stream.
@@ -396,6 +422,9 @@ impl WarmOpen {
                 return Err(protocol("progress line too long"));
             }
             let Some(body) = self.body.as_mut() else {
+                if self.open_ended {
+                    return Ok(None);
+                }
                 return Err(protocol("the progress stream ended without a result"));
             };
             match body.frame().await {

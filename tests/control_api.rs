@@ -73,7 +73,7 @@ impl Server {
         std::fs::write(&config_path, config).unwrap();
         let parsed =
             Config::parse(config, Path::new("t.toml"), &|_| None).expect("test config parses");
-        let daemon: Arc<Daemon> = Daemon::new(&config_path, parsed);
+        let daemon: Arc<Daemon> = Daemon::new(&config_path, parsed, None);
         let socket = socket.unwrap_or_else(|| dir.join("run").join("control.sock"));
         let listener = bind(&socket, access)
             .await

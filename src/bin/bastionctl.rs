@@ -59,6 +59,12 @@ enum Command {
     },
     /// Re-read the configuration (unchanged profiles keep their sessions).
     Reload,
+    /// Follow an on-demand bastion's lifecycle (launch, boot progress, idle, lifetime
+    /// warning, termination) until interrupted.
+    Events {
+        /// Profile name.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -171,6 +177,14 @@ async fn run(cli: &Cli, client: &Client) -> Result<(), CtlError> {
             print!("{}", detail_table(&status));
         }
         Command::Reload => print!("{}", reload_table(&client.reload().await?)),
+        Command::Events { name } => {
+            let mut stream = client.events(name).await?;
+            while let Some(line) = stream.next_line().await? {
+                if let OpenEvent::Progress(p) = line.event {
+                    println!("{}", progress_text(&p, 0.0));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -216,6 +230,15 @@ async fn run_json(cli: &Cli, client: &Client) -> Result<(), Failed> {
                 .await?
         }
         Command::Reload => client.call_raw(Method::POST, "/v1/reload", none).await?,
+        Command::Events { name } => {
+            let mut stream = client.events(name).await?;
+            let mut stdout = std::io::stdout().lock();
+            while let Some(line) = stream.next_line().await? {
+                let _ = writeln!(stdout, "{}", line.raw);
+                let _ = stdout.flush();
+            }
+            return Ok(());
+        }
     };
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(value.trim_ascii_end());
@@ -275,6 +298,12 @@ async fn open_warm_live(client: &Client, name: &str) -> Result<ProfileStatus, Ct
 
 fn progress_text(p: &Progress, extra: f64) -> String {
     let mut s = format!("{} {:.1}s", p.phase, p.elapsed_secs + extra);
+    if let Some(r) = &p.resource
+        && p.detail.as_deref() != Some(r.as_str())
+    {
+        s.push(' ');
+        s.push_str(r);
+    }
     if let Some(d) = &p.detail {
         s.push(' ');
         s.push_str(&one_line(d));
@@ -499,6 +528,7 @@ fn detail_table(p: &ProfileStatus) -> String {
         ("last error", dash(p.last_error.as_deref())),
     ]
     .into_iter()
+    .chain(p.bastion.as_ref().map(bastion_rows).unwrap_or_default())
     .map(|(k, v)| vec![format!("{k}:"), v])
     .collect();
     let mut widths = 0;
@@ -508,6 +538,40 @@ fn detail_table(p: &ProfileStatus) -> String {
     rows.iter()
         .map(|r| format!("  {:<widths$}  {}\n", r[0], r[1]))
         .collect()
+}
+
+/// The on-demand bastion's rows of `status NAME`.
+fn bastion_rows(b: &bastion::api::BastionStatus) -> Vec<(&'static str, String)> {
+    let mut phase = b.phase.clone();
+    if let Some(age) = b.age_secs {
+        phase.push_str(&format!(" (launched {} ago)", human_duration(age)));
+    }
+    vec![
+        (
+            "bastion",
+            format!(
+                "{} on demand, {}registry {}",
+                b.provider,
+                if b.shared { "shared, " } else { "" },
+                b.registry
+            ),
+        ),
+        ("bastion phase", phase),
+        (
+            "bastion id",
+            dash(b.target.as_deref().or(b.resource.as_deref())),
+        ),
+        (
+            "expires in",
+            b.expires_in_secs.map_or_else(|| "-".to_owned(), human_duration),
+        ),
+        (
+            "idle for",
+            b.idle_secs.map_or_else(|| "-".to_owned(), human_duration),
+        ),
+        ("warning", dash(b.warning.as_deref())),
+        ("bastion error", dash(b.last_error.as_deref())),
+    ]
 }
 
 fn reload_table(r: &ReloadResult) -> String {

@@ -55,6 +55,11 @@ struct RunArgs {
     /// Seconds open connections may take to finish on SIGTERM.
     #[arg(long, default_value_t = 10)]
     grace_secs: u64,
+    /// State directory: the daemon's id and the local bastion registry (default:
+    /// $STATE_DIRECTORY under systemd, else $XDG_STATE_HOME/bastion, else
+    /// ~/.local/state/bastion).
+    #[arg(long, env = "BASTION_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -324,7 +329,26 @@ fn run_daemon(config: Option<PathBuf>, args: RunArgs) -> ExitCode {
     };
     let socket = socket_path(args.socket);
     rt.block_on(async move {
-        let daemon = Daemon::new(&path, config);
+        let on_demand = config.profiles.values().any(|p| p.bastion.is_some());
+        let host = match args.state_dir.or_else(bastion::ondemand::default_state_dir) {
+            Some(dir) => match bastion::ondemand::Host::open(&dir) {
+                Ok(h) => Some(Arc::new(h)),
+                Err(e) if on_demand => {
+                    eprintln!("bastiond: state directory {}: {e}", dir.display());
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "no state directory; on-demand bastions unavailable");
+                    None
+                }
+            },
+            None if on_demand => {
+                eprintln!("bastiond: on-demand bastions need a state directory: pass --state-dir or set HOME");
+                return ExitCode::FAILURE;
+            }
+            None => None,
+        };
+        let daemon = Daemon::new(&path, config, host);
         let listener = match control::bind(&socket, SocketAccess::default()).await {
             Ok(l) => l,
             Err(e) => {
@@ -334,6 +358,7 @@ fn run_daemon(config: Option<PathBuf>, args: RunArgs) -> ExitCode {
         };
         tracing::info!(socket = %socket.display(), config = %path.display(), "bastiond ready");
         daemon.autostart().await;
+        daemon.start_bastions();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(control::serve_listener(
             daemon.clone(),

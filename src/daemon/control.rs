@@ -480,6 +480,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/profiles/{name}", get(status))
         .route("/v1/profiles/{name}/open", post(open))
         .route("/v1/profiles/{name}/close", post(close))
+        .route("/v1/profiles/{name}/events", get(events))
         .route("/v1/reload", post(reload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -672,6 +673,36 @@ fn warm_stream(daemon: Arc<Daemon>, name: String) -> Response {
         .into_response()
 }
 
+/// Streams the on-demand bastion's lifecycle events as NDJSON progress lines until the
+/// client goes away. Events are not stored: a reader sees what happens while it reads
+/// (a reader too slow for 64 events misses some, never blocks the daemon).
+async fn events(
+    State(daemon): Shared,
+    path: Result<UrlPath<String>, PathRejection>,
+) -> Result<Response, Failure> {
+    let name = profile_name(path)?;
+    let rx = daemon.bastion_events(&name)?;
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(p) => {
+                    return Some((Ok::<_, Infallible>(ndjson_line(&OpenEvent::Progress(p))), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, NDJSON_CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 async fn close(
     State(daemon): Shared,
     path: Result<UrlPath<String>, PathRejection>,
@@ -735,7 +766,7 @@ mod tests {
     #[test]
     fn serve_future_is_send() {
         fn is_send<T: Send>(_: &T) {}
-        let daemon = Daemon::new(Path::new("t.toml"), crate::config::Config::default());
+        let daemon = Daemon::new(Path::new("t.toml"), crate::config::Config::default(), None);
         let socket = PathBuf::from("/nonexistent/control.sock");
         let fut = async move { serve(daemon, &socket, SocketAccess::default(), async {}).await };
         is_send(&fut);

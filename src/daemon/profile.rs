@@ -245,6 +245,7 @@ impl ProfileRuntime {
                     phase: phase.to_owned(),
                     elapsed_secs: started.elapsed().as_secs_f64(),
                     detail,
+                    resource: None,
                 });
             }
         };
