@@ -991,6 +991,23 @@ mod tests {
     }
 
     #[test]
+    fn get_parameter_answers_the_al2023_amis_only() {
+        let v = get_parameter(
+            br#"{"Name":"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64"}"#,
+        )
+        .unwrap();
+        assert_eq!(v["Parameter"]["Value"], "ami-065b1b834d2a83a7a");
+        assert_eq!(v["Parameter"]["Type"], "String");
+        let e = get_parameter(br#"{"Name":"/aws/service/nope"}"#).unwrap_err();
+        assert_eq!(e.code, "ParameterNotFound");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            get_parameter(b"{}").unwrap_err().code,
+            "ValidationException"
+        );
+    }
+
+    #[test]
     fn caller_from_sigv4() {
         let mut h = HeaderMap::new();
         assert_eq!(caller_name(&h), "sim-user");

@@ -167,7 +167,10 @@ impl Moto {
         let (status, answer) = self
             .http(path, "Content-Type: application/json\r\n", body)
             .await;
-        assert!((200..300).contains(&status), "moto {path}: {status} {answer}");
+        assert!(
+            (200..300).contains(&status),
+            "moto {path}: {status} {answer}"
+        );
     }
 
     /// One HTTP/1.1 POST with the extra header lines `headers` (each ending in CRLF).
