@@ -7,107 +7,19 @@
 //! real error document.
 //!
 //! moto_server comes from a Python venv (`BASTION_TEST_VENV`, default `target/test-venv`;
-//! scripts/test.sh creates it).
+//! scripts/test.sh creates it), started by [`e2e_util::moto::Moto`].
 
 mod e2e_util;
 mod sim_util;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_credential_types::Credentials;
-use aws_credential_types::provider::SharedCredentialsProvider;
-use aws_types::SdkConfig;
-use aws_types::region::Region;
 use bastion::aws::ec2::{Ec2Api, Ec2Error, Filter, XmlElement};
 use bastion::sim::{Ec2Targets, SimConfig, TargetPolicy};
+use e2e_util::moto::Moto;
 use e2e_util::{DaemonProcess, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A moto_server child process, killed on drop.
-struct Moto {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The product's EC2 client, pointed at this moto with test credentials.
-    fn client(&self) -> Ec2Api {
-        let config = SdkConfig::builder()
-            .region(Region::new("us-east-1"))
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "AKIDTEST",
-                "secret-test-key",
-                None,
-                None,
-                "test",
-            )))
-            .endpoint_url(self.url())
-            .build();
-        Ec2Api::new(&config).expect("EC2 client")
-    }
-}
-
-fn venv() -> PathBuf {
-    match std::env::var_os("BASTION_TEST_VENV") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"),
-    }
-}
-
-async fn start_moto() -> Moto {
-    let bin = venv().join("bin/moto_server");
-    assert!(
-        bin.exists(),
-        "moto_server not found at {}: install it with \
-         `python3 -m venv target/test-venv && target/test-venv/bin/pip install 'moto[server]'` \
-         (scripts/test.sh does this), or point BASTION_TEST_VENV at a venv that has it",
-        bin.display()
-    );
-    let port = free_port();
-    let child = Command::new(&bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    let mut moto = Moto {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = moto.child.try_wait().unwrap() {
-            panic!("moto_server exited before answering: {status}");
-        }
-        if tokio::net::TcpStream::connect(moto.addr).await.is_ok()
-            && moto.client().call("DescribeRegions", &[]).await.is_ok()
-        {
-            return moto;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not answer on {} within 60 s",
-            moto.addr
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn params(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
@@ -168,8 +80,8 @@ async fn next_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_filters_tags_and_state_pages_and_reads_errors_against_moto() {
-    let moto = start_moto().await;
-    let ec2 = moto.client();
+    let moto = Moto::start().await;
+    let ec2 = moto.ec2();
     let older = run_instance(&ec2, &[("Name", "bastion"), ("env", "prod")]).await;
     next_second().await;
     let newer = run_instance(&ec2, &[("Name", "bastion"), ("env", "prod")]).await;
@@ -255,8 +167,8 @@ fn status(d: &DaemonProcess, name: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn target_tags_pick_the_tagged_instance_and_bytes_flow() {
-    let moto = start_moto().await;
-    let ec2 = moto.client();
+    let moto = Moto::start().await;
+    let ec2 = moto.ec2();
     let older = run_instance(&ec2, &[("Name", "bastion"), ("env", "prod")]).await;
     next_second().await;
     // The most recently launched match, but its agent is not connected (the simulator
@@ -338,8 +250,8 @@ async fn target_tags_pick_the_tagged_instance_and_bytes_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_matching_instance_is_a_prompt_clear_error() {
-    let moto = start_moto().await;
-    let ec2 = moto.client();
+    let moto = Moto::start().await;
+    let ec2 = moto.ec2();
     let only = run_instance(&ec2, &[("Name", "bastion"), ("env", "prod")]).await;
     let sim = sim_util::start(SimConfig {
         ec2: Some(Ec2Targets {

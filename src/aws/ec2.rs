@@ -197,7 +197,9 @@ impl Ec2Error {
         }
     }
 
-    /// Maps an error answer (`code`, `message`) of `action` to a variant.
+    /// Maps an error answer (`code`, `message`) of `action` to a variant: the single
+    /// place where EC2 error codes are interpreted. `InvalidParameter` is only for
+    /// RunInstances (elsewhere such a code is a bug of ours, kept as `Service`).
     pub fn from_code(action: &str, status: u16, code: &str, message: &str) -> Ec2Error {
         let (code, message) = (code.to_owned(), message.to_owned());
         match code.as_str() {
@@ -232,7 +234,9 @@ impl Ec2Error {
             | "BandwidthLimitExceeded" => Ec2Error::Throttled { code, message },
             c if is_capacity_code(c) => Ec2Error::Capacity { code, message },
             c if is_quota_code(c) => Ec2Error::Quota { code, message },
-            c if is_invalid_parameter_code(c) => Ec2Error::InvalidParameter { code, message },
+            c if action == "RunInstances" && is_invalid_parameter_code(c) => {
+                Ec2Error::InvalidParameter { code, message }
+            }
             _ => Ec2Error::Service {
                 status,
                 code,

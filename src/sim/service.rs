@@ -162,6 +162,7 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             let online = ec2_gate(&shared, &body).await;
             get_connection_status(&shared, &body, online)
         }
+        "GetParameter" => get_parameter(&body),
         _ => Err(ApiError::new(
             "UnknownOperationException",
             format!("the simulator does not implement operation {target:?}"),
@@ -856,6 +857,59 @@ fn get_connection_status(
     Ok(json!({ "Target": target, "Status": status }))
 }
 
+// ---------------------------------------------------------------------------------------
+// GetParameter
+
+/// The public parameters the simulator knows: the latest Amazon Linux 2023 AMIs, as AMI
+/// ids that moto's EC2 lists (moto answers these parameters with the same ids), so an
+/// on-demand launch can resolve its image here and run it in moto.
+pub const PUBLIC_PARAMETERS: &[(&str, &str)] = &[
+    (
+        "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        "ami-0d27e0fb3bac4d724",
+    ),
+    (
+        "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64",
+        "ami-065b1b834d2a83a7a",
+    ),
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetParameterRequest {
+    name: Option<String>,
+}
+
+fn get_parameter(body: &[u8]) -> Result<Value, ApiError> {
+    let req: GetParameterRequest = parse(body)?;
+    let name = req
+        .name
+        .filter(|n| !n.is_empty() && n.chars().count() <= 2048)
+        .ok_or_else(|| {
+            ApiError::validation(
+                "1 validation error detected: Value at 'name' failed to satisfy constraint: \
+                 Member must have length between 1 and 2048",
+            )
+        })?;
+    let (name, value) = PUBLIC_PARAMETERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| {
+            ApiError::new("ParameterNotFound", format!("Parameter {name} not found."))
+        })?;
+    Ok(json!({
+        "Parameter": {
+            "Name": name,
+            "Type": "String",
+            "Value": value,
+            "Version": 1,
+            "LastModifiedDate": epoch_seconds(1_700_000_000_000),
+            "ARN": format!("arn:aws:ssm:us-east-1::parameter{name}"),
+            "DataType": "aws:ec2:image",
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -932,6 +986,23 @@ mod tests {
         );
         assert_eq!(
             resolve_document(Some("a b")).unwrap_err().code,
+            "ValidationException"
+        );
+    }
+
+    #[test]
+    fn get_parameter_answers_the_al2023_amis_only() {
+        let v = get_parameter(
+            br#"{"Name":"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64"}"#,
+        )
+        .unwrap();
+        assert_eq!(v["Parameter"]["Value"], "ami-065b1b834d2a83a7a");
+        assert_eq!(v["Parameter"]["Type"], "String");
+        let e = get_parameter(br#"{"Name":"/aws/service/nope"}"#).unwrap_err();
+        assert_eq!(e.code, "ParameterNotFound");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            get_parameter(b"{}").unwrap_err().code,
             "ValidationException"
         );
     }

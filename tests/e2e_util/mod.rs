@@ -1,7 +1,9 @@
 //! End-to-end harness: throwaway PostgreSQL and MariaDB servers, the simulator, and a real
 //! `bastiond run` process pointed at the simulator through the standard
-//! `AWS_ENDPOINT_URL_SSM` setting.
+//! `AWS_ENDPOINT_URL_SSM` setting; moto_server for the AWS control plane ([`moto`]).
 #![allow(dead_code)]
+
+pub mod moto;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

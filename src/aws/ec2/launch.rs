@@ -147,7 +147,7 @@ pub fn parse_terminate_instances(root: &XmlElement) -> Result<Vec<(String, Strin
 
 /// The instance ids an `InvalidInstanceID.NotFound` message names ("The instance IDs
 /// 'i-1, i-2' do not exist").
-fn ids_in_message(message: &str) -> Vec<String> {
+pub(super) fn ids_in_message(message: &str) -> Vec<String> {
     message
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
         .filter(|w| w.starts_with("i-") && w.len() > 2)
@@ -231,23 +231,5 @@ impl Ec2Api {
             }
             Err(e) => Err(e),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ids_in_message;
-
-    #[test]
-    fn ids_in_not_found_messages() {
-        assert_eq!(
-            ids_in_message("The instance ID 'i-0123456789abcdef0' does not exist"),
-            ["i-0123456789abcdef0"]
-        );
-        assert_eq!(
-            ids_in_message("The instance IDs 'i-1a, i-2b' do not exist"),
-            ["i-1a", "i-2b"]
-        );
-        assert!(ids_in_message("not found").is_empty());
     }
 }

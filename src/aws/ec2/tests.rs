@@ -918,3 +918,262 @@ async fn a_repeated_next_token_stops_the_loop() {
     let e = api.describe_instances(&[]).await.unwrap_err();
     assert!(matches!(e, Ec2Error::Malformed(m) if m.contains("nextToken")));
 }
+
+// ---------------------------------------------------------------------------------------
+// RunInstances / TerminateInstances
+
+#[test]
+fn launch_errors_map_to_capacity_quota_and_invalid_parameter() {
+    let cases: &[(&str, &str)] = &[
+        ("InsufficientInstanceCapacity", "capacity"),
+        ("InsufficientHostCapacity", "capacity"),
+        ("InsufficientCapacity", "capacity"),
+        ("InsufficientReservedInstanceCapacity", "capacity"),
+        ("InsufficientFreeAddressesInSubnet", "capacity"),
+        ("InstanceLimitExceeded", "quota"),
+        ("VcpuLimitExceeded", "quota"),
+        ("MaxSpotInstanceCountExceeded", "quota"),
+        ("ResourceLimitExceeded", "quota"),
+        ("VolumeLimitExceeded", "quota"),
+        ("InvalidSubnetID.NotFound", "invalid"),
+        ("InvalidGroup.NotFound", "invalid"),
+        ("InvalidAMIID.NotFound", "invalid"),
+        ("InvalidAMIID.Malformed", "invalid"),
+        ("InvalidParameterValue", "invalid"),
+        ("InvalidParameterCombination", "invalid"),
+        ("InvalidLaunchTemplateName.NotFoundException", "invalid"),
+        ("InvalidLaunchTemplateId.NotFound", "invalid"),
+        ("InvalidKeyPair.NotFound", "invalid"),
+        ("NoSuchEntity", "invalid"),
+        ("RequestLimitExceeded", "throttled"),
+        ("BandwidthLimitExceeded", "throttled"),
+        ("UnauthorizedOperation", "denied"),
+        ("IdempotentParameterMismatch", "service"),
+    ];
+    for (code, kind) in cases {
+        let e = Ec2Error::from_code("RunInstances", 400, code, "m");
+        let got = match &e {
+            Ec2Error::Capacity { code: c, .. } => {
+                assert!(e.to_string().contains("retry later"), "{e}");
+                ("capacity", c.as_str())
+            }
+            Ec2Error::Quota { code: c, .. } => {
+                assert!(e.to_string().contains("Service Quotas"), "{e}");
+                ("quota", c.as_str())
+            }
+            Ec2Error::InvalidParameter { code: c, .. } => {
+                assert!(e.to_string().contains("subnet"), "{e}");
+                ("invalid", c.as_str())
+            }
+            Ec2Error::Throttled { code: c, .. } => ("throttled", c.as_str()),
+            Ec2Error::AccessDenied { .. } => ("denied", *code),
+            Ec2Error::Service { code: c, .. } => ("service", c.as_str()),
+            other => panic!("{code}: {other:?}"),
+        };
+        assert_eq!(got, (*kind, *code), "{code}");
+        assert!(!e.is_retryable() || *kind == "throttled", "{code}");
+    }
+    // Outside RunInstances an invalid parameter is our bug, not a launch setting.
+    assert!(matches!(
+        Ec2Error::from_code("DescribeInstances", 400, "InvalidParameterValue", "m"),
+        Ec2Error::Service { .. }
+    ));
+    // Quotas and capacity read the same from any action.
+    assert!(matches!(
+        Ec2Error::from_code("StartInstances", 400, "InsufficientInstanceCapacity", "m"),
+        Ec2Error::Capacity { .. }
+    ));
+}
+
+fn pairs(p: &[(String, String)]) -> Vec<(&str, &str)> {
+    p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+#[test]
+fn run_instances_parameters() {
+    let spec = LaunchSpec {
+        launch_template: Some(LaunchTemplateRef {
+            id_or_name: "lt-0abcd1234ef567890".into(),
+            version: Some("$Latest".into()),
+        }),
+        image_id: Some("ami-0d27e0fb3bac4d724".into()),
+        instance_type: Some("t3.micro".into()),
+        subnet_id: Some("subnet-1".into()),
+        security_group_ids: vec!["sg-1".into(), "sg-2".into()],
+        instance_profile: Some("arn:aws:iam::123456789012:instance-profile/bastion".into()),
+        user_data: Some("#!/bin/sh\necho ok>>/x?\n".into()),
+        tags: BTreeMap::from([
+            ("Name".to_owned(), "bastion".to_owned()),
+            ("bastion:launch-id".to_owned(), "L".to_owned()),
+        ]),
+        client_token: "5b1c7d2e-0000-4000-8000-000000000001".into(),
+        shutdown_terminates: true,
+    };
+    let p = run_instances_params(&spec);
+    assert_eq!(
+        pairs(&p),
+        [
+            ("MinCount", "1"),
+            ("MaxCount", "1"),
+            ("ClientToken", "5b1c7d2e-0000-4000-8000-000000000001"),
+            ("LaunchTemplate.LaunchTemplateId", "lt-0abcd1234ef567890"),
+            ("LaunchTemplate.Version", "$Latest"),
+            ("ImageId", "ami-0d27e0fb3bac4d724"),
+            ("InstanceType", "t3.micro"),
+            ("SubnetId", "subnet-1"),
+            ("SecurityGroupId.1", "sg-1"),
+            ("SecurityGroupId.2", "sg-2"),
+            (
+                "IamInstanceProfile.Arn",
+                "arn:aws:iam::123456789012:instance-profile/bastion"
+            ),
+            ("UserData", "IyEvYmluL3NoCmVjaG8gb2s+Pi94Pwo="),
+            ("InstanceInitiatedShutdownBehavior", "terminate"),
+            ("MetadataOptions.HttpTokens", "required"),
+            ("TagSpecification.1.ResourceType", "instance"),
+            ("TagSpecification.1.Tag.1.Key", "Name"),
+            ("TagSpecification.1.Tag.1.Value", "bastion"),
+            ("TagSpecification.1.Tag.2.Key", "bastion:launch-id"),
+            ("TagSpecification.1.Tag.2.Value", "L"),
+            ("TagSpecification.2.ResourceType", "volume"),
+            ("TagSpecification.2.Tag.1.Key", "Name"),
+            ("TagSpecification.2.Tag.1.Value", "bastion"),
+            ("TagSpecification.2.Tag.2.Key", "bastion:launch-id"),
+            ("TagSpecification.2.Tag.2.Value", "L"),
+        ]
+    );
+    // Base64 `+` and `=` are percent-encoded in the form body.
+    let body = encode_form("RunInstances", &p);
+    assert!(
+        body.contains("&UserData=IyEvYmluL3NoCmVjaG8gb2s%2BPi94Pwo%3D&"),
+        "{body}"
+    );
+    assert!(
+        body.contains("&LaunchTemplate.Version=%24Latest&"),
+        "{body}"
+    );
+
+    // A template by name, a profile by name, nothing else.
+    let minimal = LaunchSpec {
+        launch_template: Some(LaunchTemplateRef {
+            id_or_name: "bastion-template".into(),
+            version: None,
+        }),
+        instance_profile: Some("bastion".into()),
+        client_token: "t".into(),
+        ..LaunchSpec::default()
+    };
+    assert_eq!(
+        pairs(&run_instances_params(&minimal)),
+        [
+            ("MinCount", "1"),
+            ("MaxCount", "1"),
+            ("ClientToken", "t"),
+            ("LaunchTemplate.LaunchTemplateName", "bastion-template"),
+            ("IamInstanceProfile.Name", "bastion"),
+            ("MetadataOptions.HttpTokens", "required"),
+        ]
+    );
+}
+
+const RUN_INSTANCES: &str = r#"<RunInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+  <requestId>r</requestId>
+  <reservationId>r-1234567890abcdef0</reservationId>
+  <ownerId>123456789012</ownerId>
+  <groupSet/>
+  <instancesSet>
+    <item>
+      <instanceId>i-1234567890abcdef0</instanceId>
+      <imageId>ami-0d27e0fb3bac4d724</imageId>
+      <instanceState><code>0</code><name>pending</name></instanceState>
+      <instanceType>t3.micro</instanceType>
+      <launchTime>2026-11-23T08:00:00.000Z</launchTime>
+      <placement><availabilityZone>us-east-1a</availabilityZone></placement>
+      <privateIpAddress>10.0.0.12</privateIpAddress>
+      <tagSet><item><key>bastion:launch-id</key><value>L</value></item></tagSet>
+    </item>
+  </instancesSet>
+</RunInstancesResponse>"#;
+
+const TERMINATE_INSTANCES: &str = r#"<TerminateInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+  <requestId>r</requestId>
+  <instancesSet>
+    <item>
+      <instanceId>i-1234567890abcdef0</instanceId>
+      <currentState><code>32</code><name>shutting-down</name></currentState>
+      <previousState><code>16</code><name>running</name></previousState>
+    </item>
+    <item>
+      <instanceId>i-0598c7d356eba48d7</instanceId>
+      <currentState><code>48</code><name>terminated</name></currentState>
+      <previousState><code>48</code><name>terminated</name></previousState>
+    </item>
+  </instancesSet>
+</TerminateInstancesResponse>"#;
+
+#[test]
+fn run_and_terminate_answers_parse() {
+    let root = interpret_response("RunInstances", 200, RUN_INSTANCES.as_bytes()).unwrap();
+    let i = parse_run_instances(&root).unwrap();
+    assert_eq!(i.id, "i-1234567890abcdef0");
+    assert_eq!(i.state, "pending");
+    assert_eq!(i.instance_type.as_deref(), Some("t3.micro"));
+    assert_eq!(i.private_ip.as_deref(), Some("10.0.0.12"));
+    assert_eq!(i.tags["bastion:launch-id"], "L");
+    assert_eq!(i.launch_time, Some(at("2026-11-23T08:00:00Z")));
+
+    let empty = parse_xml("<RunInstancesResponse><instancesSet/></RunInstancesResponse>").unwrap();
+    assert!(matches!(
+        parse_run_instances(&empty),
+        Err(Ec2Error::Malformed(_))
+    ));
+
+    let root =
+        interpret_response("TerminateInstances", 200, TERMINATE_INSTANCES.as_bytes()).unwrap();
+    assert_eq!(
+        parse_terminate_instances(&root).unwrap(),
+        [
+            ("i-1234567890abcdef0".to_owned(), "shutting-down".to_owned()),
+            ("i-0598c7d356eba48d7".to_owned(), "terminated".to_owned()),
+        ]
+    );
+    let bad = parse_xml(
+        "<TerminateInstancesResponse><instancesSet><item><instanceId>i-1</instanceId>\
+         </item></instancesSet></TerminateInstancesResponse>",
+    )
+    .unwrap();
+    assert!(matches!(
+        parse_terminate_instances(&bad),
+        Err(Ec2Error::Malformed(_))
+    ));
+}
+
+#[test]
+fn ids_in_not_found_messages() {
+    use super::launch::ids_in_message;
+    assert_eq!(
+        ids_in_message("The instance ID 'i-0123456789abcdef0' does not exist"),
+        ["i-0123456789abcdef0"]
+    );
+    assert_eq!(
+        ids_in_message("The instance IDs 'i-1a, i-2b' do not exist"),
+        ["i-1a", "i-2b"]
+    );
+    assert!(ids_in_message("not found").is_empty());
+}
+
+#[test]
+fn tag_and_state_filters() {
+    let tags = BTreeMap::from([("k".to_owned(), "v".to_owned())]);
+    assert_eq!(
+        tags_and_states_filters(&tags, &["pending", "running"]),
+        [
+            Filter::new("tag:k", ["v"]),
+            Filter::new("instance-state-name", ["pending", "running"]),
+        ]
+    );
+    assert_eq!(
+        tags_and_states_filters(&tags, &[]),
+        [Filter::new("tag:k", ["v"])]
+    );
+}
