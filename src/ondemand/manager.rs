@@ -658,6 +658,7 @@ impl Bastions {
         };
         self.remember(Some(record.clone()));
         if !matches!(record.phase, Phase::Ready | Phase::Idle) {
+            self.advance_unattended(ctx, record).await;
             return Decision::Keep;
         }
         let now = now_ms();
@@ -707,7 +708,7 @@ impl Bastions {
         let due = self
             .mem()
             .sessions_checked_at
-            .is_none_or(|t| t.elapsed() >= SESSIONS_CHECK_EVERY);
+            .is_none_or(|t| t.elapsed() >= SESSIONS_CHECK_EVERY.min(self.cfg.idle_timeout));
         if !due {
             return Decision::Keep;
         }
@@ -730,6 +731,35 @@ impl Bastions {
                 warn!(profile = %self.profile, error = %e, "cannot list the bastion's sessions; keeping it");
                 Decision::Keep
             }
+        }
+    }
+
+    /// Moves a record in a transient phase on when no connection is waiting for it (a
+    /// restarted daemon, a launch whose client went away): a booting bastion is polled
+    /// (and terminated if it never comes online), an interrupted launch or termination
+    /// of ours, or of a daemon whose lease ran out, is finished.
+    async fn advance_unattended(&self, ctx: &Ctx, record: Record) {
+        let Ok(_guard) = self.ensure.try_lock() else {
+            return;
+        };
+        let result = match record.phase {
+            Phase::WaitingOnline
+                if now_ms() >= record.created_ms + ms(self.cfg.ready_timeout) + ms(LEASE) =>
+            {
+                self.terminate_record(ctx, record, "never came online with Session Manager")
+                    .await
+            }
+            Phase::WaitingOnline => self.poll_online(ctx, record).await,
+            Phase::Launching if self.may_take_over(&record) => {
+                self.recover_launching(ctx, record).await
+            }
+            Phase::Terminating if self.may_take_over(&record) => {
+                self.finish_terminate(ctx, record).await
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            warn!(profile = %self.profile, error = %e.message, "bastion lifecycle step failed");
         }
     }
 
