@@ -34,12 +34,11 @@ def _report_runtime(task):
             container.managed_agents = [
                 {"name": "ExecuteCommandAgent", "lastStatus": "RUNNING"}
             ]
-        if getattr(container, "runtime_id", None):
-            container.last_status = status if status in ("RUNNING", "STOPPED") else container.last_status
-            if status == "STOPPED":
-                container.managed_agents = [
-                    {"name": "ExecuteCommandAgent", "lastStatus": "STOPPED"}
-                ]
+        if getattr(container, "runtime_id", None) and status in ("RUNNING", "STOPPED"):
+            container.last_status = status
+            container.managed_agents = [
+                {"name": "ExecuteCommandAgent", "lastStatus": status}
+            ]
     return task
 
 
