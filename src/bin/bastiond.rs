@@ -357,6 +357,7 @@ fn run_daemon(config: Option<PathBuf>, args: RunArgs) -> ExitCode {
             }
         };
         tracing::info!(socket = %socket.display(), config = %path.display(), "bastiond ready");
+        daemon.end_leftover_sessions().await;
         daemon.autostart().await;
         daemon.start_bastions();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

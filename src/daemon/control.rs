@@ -492,7 +492,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 pub fn http_status(code: &str) -> StatusCode {
     match code {
         "bad_request" => StatusCode::BAD_REQUEST,
-        "unknown_profile" | "not_found" => StatusCode::NOT_FOUND,
+        "unknown_profile" | "not_found" | "no_bastion" => StatusCode::NOT_FOUND,
         "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
         "port_in_use" => StatusCode::CONFLICT,
         "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
@@ -500,6 +500,12 @@ pub fn http_status(code: &str) -> StatusCode {
         "bad_config" => StatusCode::UNPROCESSABLE_ENTITY,
         "unsupported" => StatusCode::NOT_IMPLEMENTED,
         "start_session_failed" | "session_failed" => StatusCode::BAD_GATEWAY,
+        "missing_permission" | "credentials" => StatusCode::FORBIDDEN,
+        "bastion_not_online" | "bastion_timeout" => StatusCode::GATEWAY_TIMEOUT,
+        "capacity" | "quota" | "throttled" | "bastion_gone" | "aws_error" | "registry_failed" => {
+            StatusCode::BAD_GATEWAY
+        }
+        "invalid_bastion_config" => StatusCode::UNPROCESSABLE_ENTITY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -90,6 +90,20 @@ impl Daemon {
             .ok_or_else(|| unknown(name))
     }
 
+    /// Terminates the sessions a previous run of the daemon left open (it was killed
+    /// before it could end them), each through its profile's AWS settings.
+    pub async fn end_leftover_sessions(&self) {
+        let Some(host) = &self.host else { return };
+        let leftovers = host.take_leftover_sessions();
+        let profiles = self.profiles().clone();
+        for (session_id, profile) in leftovers {
+            match profiles.get(&profile).or_else(|| profiles.values().next()) {
+                Some(p) => p.end_leftover_session(&session_id).await,
+                None => tracing::warn!(session_id, "a previous run left a session open; no profile to end it with"),
+            }
+        }
+    }
+
     /// Starts the lifecycle of every on-demand bastion: each reconciles its registry with
     /// EC2/ECS (finishing what a killed daemon left), then reaps when idle.
     pub fn start_bastions(&self) {

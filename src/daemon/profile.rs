@@ -94,6 +94,8 @@ pub struct ProfileRuntime {
     bastion: Option<Arc<Bastions>>,
     /// The task that ticks the bastion's lifecycle (runs while the profile exists).
     bastion_ticker: Mutex<Option<JoinHandle<()>>>,
+    /// The daemon's state directory (session ledger).
+    host: Option<Arc<Host>>,
 }
 
 /// `target_tags` at run time.
@@ -162,7 +164,7 @@ impl ProfileRuntime {
         host: Option<Arc<Host>>,
     ) -> Arc<Self> {
         tunnel_config.connect_timeout = profile.connect_timeout;
-        let bastion = match (&profile.bastion, host) {
+        let bastion = match (&profile.bastion, host.clone()) {
             (Some(cfg), Some(host)) => Some(Bastions::new(
                 &profile.name,
                 cfg.clone(),
@@ -176,6 +178,7 @@ impl ProfileRuntime {
             _ => None,
         };
         Arc::new(ProfileRuntime {
+            host,
             bastion,
             bastion_ticker: Mutex::default(),
             profile,
@@ -815,6 +818,11 @@ impl ProfileRuntime {
             Target::OnDemand(_) => self.start_session_on_demand(&api).await?,
         };
         info!(profile = %self.profile.name, session_id = %ticket.session_id, "session started");
+        // In the ledger from the moment it exists: a daemon killed while connecting
+        // leaves it for the next run to end.
+        if let Some(host) = &self.host {
+            host.note_session(&ticket.session_id, &self.profile.name);
+        }
         let session_id = ticket.session_id.clone();
         let resume_api = api.clone();
         let profile = Arc::new(self.profile.clone());
@@ -850,7 +858,11 @@ impl ProfileRuntime {
             }
             Err(e) => {
                 // Do not leave a half-open session behind.
-                let _ = api.terminate_session(&session_id).await;
+                if api.terminate_session(&session_id).await.is_ok()
+                    && let Some(host) = &self.host
+                {
+                    host.drop_session(&session_id);
+                }
                 Err(user_error("session_failed", e.to_string()))
             }
         }
@@ -884,6 +896,11 @@ impl ProfileRuntime {
     }
 
     fn forget_tunnel_locked(&self, inner: &mut Inner, tunnel: &Arc<Tunnel>) {
+        if tunnel.end_reason().is_some()
+            && let Some(host) = &self.host
+        {
+            host.drop_session(tunnel.session_id());
+        }
         if let Some(i) = inner
             .live
             .iter()
@@ -903,8 +920,24 @@ impl ProfileRuntime {
     async fn end_session(&self, tunnel: &Tunnel) {
         tunnel.terminate().await;
         let api = (self.api)(&self.profile).await;
-        if let Err(e) = api.terminate_session(tunnel.session_id()).await {
-            warn!(session_id = %tunnel.session_id(), error = %e, "TerminateSession failed");
+        match api.terminate_session(tunnel.session_id()).await {
+            Ok(()) => {
+                if let Some(host) = &self.host {
+                    host.drop_session(tunnel.session_id());
+                }
+            }
+            Err(e) => {
+                warn!(session_id = %tunnel.session_id(), error = %e, "TerminateSession failed")
+            }
+        }
+    }
+
+    /// Terminates a session a previous run of the daemon left open (it was killed).
+    pub async fn end_leftover_session(&self, session_id: &str) {
+        let api = (self.api)(&self.profile).await;
+        match api.terminate_session(session_id).await {
+            Ok(()) => info!(profile = %self.profile.name, session_id, "ended a session left open by a previous run"),
+            Err(e) => warn!(profile = %self.profile.name, session_id, error = %e, "cannot end a session left by a previous run"),
         }
     }
 

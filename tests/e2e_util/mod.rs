@@ -437,6 +437,7 @@ impl DaemonProcess {
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "debug")
+            .env("BASTION_STATE_DIR", dir.join("state"))
             .env_remove("AWS_PROFILE")
             .envs(env.iter().copied())
             .stdout(std::fs::File::create(dir.join("stdout.log")).expect("stdout file"))
