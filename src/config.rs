@@ -383,13 +383,15 @@ fn validate(
         merged(&p.target_tags, &d.target_tags),
     ) {
         (fixed, tags) if on_demand.is_some() && p.bastion.is_some() => {
-            if let Some(span) = fixed.map(|t| t.span()).or(tags.map(|t| t.span())) {
-                if p.target.is_some() || p.target_tags.is_some() {
-                    ctx.err(
-                        Some(span),
-                        "a profile with a bastion section launches its target; remove target/target_tags",
-                    );
-                }
+            // A profile's own target next to its own bastion section is a conflict; a
+            // target from [defaults] simply does not apply.
+            if let Some(span) = fixed.map(|t| t.span()).or(tags.map(|t| t.span()))
+                && (p.target.is_some() || p.target_tags.is_some())
+            {
+                ctx.err(
+                    Some(span),
+                    "a profile with a bastion section launches its target; remove target/target_tags",
+                );
             }
             None
         }

@@ -135,7 +135,9 @@ async fn echo_roundtrip(port: u16, len: usize) {
     let data: Vec<u8> = (0..len as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut conn = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     let (mut rd, mut wr) = conn.split();
     let mut back = vec![0u8; data.len()];
     let send = async { wr.write_all(&data).await.expect("send") };
@@ -176,15 +178,24 @@ async fn cold_path_launches_waits_for_online_and_postgres_answers() {
         .iter()
         .rposition(|(p, _)| p == "ready")
         .expect("ready");
-    assert!(launching < launched && launched < waiting && waiting < ready, "{events:?}");
-    let instance = events[launched].1["resource"].as_str().expect("instance id").to_owned();
+    assert!(
+        launching < launched && launched < waiting && waiting < ready,
+        "{events:?}"
+    );
+    let instance = events[launched].1["resource"]
+        .as_str()
+        .expect("instance id")
+        .to_owned();
     assert!(instance.starts_with("i-"), "{instance}");
     let waits: Vec<f64> = events
         .iter()
         .filter(|(p, _)| p == "waiting_online")
         .map(|(_, v)| v["elapsed_secs"].as_f64().unwrap_or(-1.0))
         .collect();
-    assert!(waits.len() >= 2 && waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+    assert!(
+        waits.len() >= 2 && waits.windows(2).all(|w| w[0] <= w[1]),
+        "{waits:?}"
+    );
     assert!(
         events[waiting].1["resource"] == instance.as_str(),
         "progress names the instance: {events:?}"
@@ -201,7 +212,10 @@ async fn cold_path_launches_waits_for_online_and_postgres_answers() {
     assert_eq!(live[0].id, instance);
     // The owner is the caller as STS GetCallerIdentity names it (moto: user/moto).
     let owner = tags["bastion:owner"].clone();
-    assert!(owner.starts_with("arn:aws:") && owner.ends_with(":user/moto"), "{owner}");
+    assert!(
+        owner.starts_with("arn:aws:") && owner.ends_with(":user/moto"),
+        "{owner}"
+    );
     assert_eq!(tags["bastion:key"], format!("pg@{owner}"));
     assert!(tags["bastion:registry"].starts_with("file:"), "{tags:?}");
     assert_eq!(tags["Name"], "bastion-pg");
@@ -212,7 +226,10 @@ async fn cold_path_launches_waits_for_online_and_postgres_answers() {
             "DescribeInstanceAttribute",
             &[
                 ("InstanceId".to_owned(), instance.clone()),
-                ("Attribute".to_owned(), "instanceInitiatedShutdownBehavior".to_owned()),
+                (
+                    "Attribute".to_owned(),
+                    "instanceInitiatedShutdownBehavior".to_owned(),
+                ),
             ],
         )
         .await
@@ -234,7 +251,10 @@ async fn cold_path_launches_waits_for_online_and_postgres_answers() {
     assert_eq!(s["target"], format!("ec2 on demand → {instance}"), "{s}");
     let (code, text, _) = d.ctl(&["status", "pg"]);
     assert_eq!(code, 0);
-    assert!(text.contains("ec2 on demand, registry local") && text.contains(&instance), "{text}");
+    assert!(
+        text.contains("ec2 on demand, registry local") && text.contains(&instance),
+        "{text}"
+    );
 
     // A client connecting to a profile whose bastion does not exist yet is held until
     // the bastion is online, then served.
@@ -252,7 +272,11 @@ async fn cold_path_launches_waits_for_online_and_postgres_answers() {
         "the held client was served before the instance booted"
     );
     assert_eq!(live_instances(&w.moto, "pg-held").await.len(), 1);
-    assert_eq!(live_instances(&w.moto, "pg").await.len(), 1, "reused, not relaunched");
+    assert_eq!(
+        live_instances(&w.moto, "pg").await.len(),
+        1,
+        "reused, not relaunched"
+    );
 
     e2e_util::assert_no_violations(&w.sim);
     let log = d.log_text();
@@ -291,8 +315,18 @@ async fn two_daemons_sharing_a_dynamodb_registry_launch_one_bastion() {
     let extra = "shared = true\nregistry = \"dynamodb:bastion-registry\"\nidle_timeout = \"1h\"";
     let (pa, pb) = (free_port(), free_port());
     let (sa, sb) = (state_dir("team-a"), state_dir("team-b"));
-    let a = daemon(&w, &ec2_profile("team", echo, pa, extra), &sa, &w.moto.url());
-    let b = daemon(&w, &ec2_profile("team", echo, pb, extra), &sb, &w.moto.url());
+    let a = daemon(
+        &w,
+        &ec2_profile("team", echo, pa, extra),
+        &sa,
+        &w.moto.url(),
+    );
+    let b = daemon(
+        &w,
+        &ec2_profile("team", echo, pb, extra),
+        &sb,
+        &w.moto.url(),
+    );
 
     let (ra, rb) = std::thread::scope(|s| {
         let ta = s.spawn(|| a.ctl(&["--json", "open", "team", "--warm"]));
@@ -307,8 +341,15 @@ async fn two_daemons_sharing_a_dynamodb_registry_launch_one_bastion() {
         .iter()
         .filter(|out| phases(out).iter().any(|(p, _)| p == "launching"))
         .count();
-    assert_eq!(launches, 1, "exactly one daemon launches:\n{}\n---\n{}", ra.1, rb.1);
-    assert_eq!(live[0].tags["bastion:registry"], "dynamodb:bastion-registry");
+    assert_eq!(
+        launches, 1,
+        "exactly one daemon launches:\n{}\n---\n{}",
+        ra.1, rb.1
+    );
+    assert_eq!(
+        live[0].tags["bastion:registry"],
+        "dynamodb:bastion-registry"
+    );
     assert_eq!(live[0].tags["bastion:key"], "team");
 
     echo_roundtrip(pa, 256 * 1024).await;
@@ -320,7 +361,10 @@ async fn two_daemons_sharing_a_dynamodb_registry_launch_one_bastion() {
 }
 
 /// Follows `bastionctl --json events NAME` in a thread; the lines arrive on the channel.
-fn follow_events(d: &DaemonProcess, name: &str) -> (std::process::Child, std::sync::mpsc::Receiver<Value>) {
+fn follow_events(
+    d: &DaemonProcess,
+    name: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<Value>) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bastionctl"))
         .arg("--socket")
@@ -345,7 +389,11 @@ fn follow_events(d: &DaemonProcess, name: &str) -> (std::process::Child, std::sy
     (child, rx)
 }
 
-fn next_phase(rx: &std::sync::mpsc::Receiver<Value>, wanted: &[&str], timeout: Duration) -> Vec<String> {
+fn next_phase(
+    rx: &std::sync::mpsc::Receiver<Value>,
+    wanted: &[&str],
+    timeout: Duration,
+) -> Vec<String> {
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     while Instant::now() < deadline {
@@ -384,15 +432,21 @@ async fn idle_reaping_and_max_lifetime_terminate_the_instance() {
     echo_roundtrip(idle_port, 64 * 1024).await;
     let seen = next_phase(&idle_rx, &["terminated"], Duration::from_secs(40));
     let idle_at = seen.iter().position(|p| p == "idle").expect("idle event");
-    let term_at = seen.iter().position(|p| p == "terminating").expect("terminating event");
+    let term_at = seen
+        .iter()
+        .position(|p| p == "terminating")
+        .expect("terminating event");
     assert!(idle_at < term_at, "{seen:?}");
-    wait_for("the idle instance to terminate", Duration::from_secs(10), || async {
-        live_instances(&w.moto, "idle").await.is_empty()
-    })
+    wait_for(
+        "the idle instance to terminate",
+        Duration::from_secs(10),
+        || async { live_instances(&w.moto, "idle").await.is_empty() },
+    )
     .await;
     assert_eq!(status(&d, "idle")["bastion"]["phase"], "none");
     assert!(
-        d.log_text().contains("idle for 3s (no connection, no Active session)"),
+        d.log_text()
+            .contains("idle for 3s (no connection, no Active session)"),
         "{}",
         d.log_text()
     );
@@ -403,7 +457,9 @@ async fn idle_reaping_and_max_lifetime_terminate_the_instance() {
     let (old_events, old_rx) = follow_events(&d, "old");
     let (code, _, err) = d.ctl(&["open", "old", "--warm"]);
     assert_eq!(code, 0, "{err}; log:\n{}", d.log_text());
-    let mut conn = TcpStream::connect(("127.0.0.1", old_port)).await.expect("connect");
+    let mut conn = TcpStream::connect(("127.0.0.1", old_port))
+        .await
+        .expect("connect");
     conn.write_all(b"ping").await.expect("write");
     let mut four = [0u8; 4];
     conn.read_exact(&mut four).await.expect("echo");
@@ -412,14 +468,19 @@ async fn idle_reaping_and_max_lifetime_terminate_the_instance() {
         .iter()
         .position(|p| p == "lifetime_warning")
         .unwrap_or_else(|| panic!("no warning before termination: {seen:?}"));
-    let term_at = seen.iter().position(|p| p == "terminating").expect("terminating");
+    let term_at = seen
+        .iter()
+        .position(|p| p == "terminating")
+        .expect("terminating");
     assert!(warn_at < term_at, "{seen:?}");
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the connection outlived the bastion");
-    wait_for("the old instance to terminate", Duration::from_secs(10), || async {
-        live_instances(&w.moto, "old").await.is_empty()
-    })
+    wait_for(
+        "the old instance to terminate",
+        Duration::from_secs(10),
+        || async { live_instances(&w.moto, "old").await.is_empty() },
+    )
     .await;
     let log = d.log_text();
     assert!(log.contains("reaches its max lifetime (15s)"), "{log}");
@@ -438,9 +499,13 @@ async fn slow_proxy(upstream: SocketAddr, delay: Duration) -> u16 {
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         loop {
-            let Ok((client, _)) = listener.accept().await else { return };
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(upstream).await else { return };
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
                 let up = async {
@@ -506,7 +571,13 @@ async fn kill_9_in_every_phase_leaves_nothing_unowned_and_keeps_used_bastions() 
     let echo = sim_util::echo_server().await;
     let proxy = slow_proxy(w.moto.addr(), Duration::from_millis(300)).await;
     let aws = format!("http://127.0.0.1:{proxy}");
-    let phases = ["launching", "waiting_online", "ready", "idle", "terminating"];
+    let phases = [
+        "launching",
+        "waiting_online",
+        "ready",
+        "idle",
+        "terminating",
+    ];
     let mut report = Vec::new();
     for run in 0..20 {
         w.moto.reset().await;
@@ -528,7 +599,11 @@ async fn kill_9_in_every_phase_leaves_nothing_unowned_and_keeps_used_bastions() 
         let mut used = false;
         let mut colleague = None;
         loop {
-            assert!(Instant::now() < deadline, "run {run}: never reached {target_phase}; log:\n{}", d.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "run {run}: never reached {target_phase}; log:\n{}",
+                d.log_text()
+            );
             let phase = phase_of(&state);
             if phase.as_deref() == Some("ready") && !used && target_phase != "ready" {
                 used = true;
@@ -562,41 +637,86 @@ async fn kill_9_in_every_phase_leaves_nothing_unowned_and_keeps_used_bastions() 
         d.child.kill().expect("kill -9");
         let _ = d.child.wait();
         let _ = opener.join();
-        assert_owned(&w.moto, &state, "chaos", &format!("run {run} right after kill -9 in {killed_in}")).await;
+        assert_owned(
+            &w.moto,
+            &state,
+            "chaos",
+            &format!("run {run} right after kill -9 in {killed_in}"),
+        )
+        .await;
 
         // Restart on the same state directory: reconciliation, then the lifecycle goes on.
         let d2 = daemon(&w, &config, &state, &aws);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_owned(&w.moto, &state, "chaos", &format!("run {run} after restart (killed in {killed_in})")).await;
+        assert_owned(
+            &w.moto,
+            &state,
+            "chaos",
+            &format!("run {run} after restart (killed in {killed_in})"),
+        )
+        .await;
         if let Some((i, session)) = &colleague {
             // Idle here for longer than idle_timeout, but a session uses it: it stays.
             tokio::time::sleep(Duration::from_secs(4)).await;
-            let alive = live_instances(&w.moto, "chaos").await.iter().any(|x| &x.id == i && x.state == "running");
-            assert!(alive, "run {run}: the instance a live session uses was terminated; log:\n{}", d2.log_text());
-            sim_util::ssm(w.sim.local_addr(), "TerminateSession", serde_json::json!({"SessionId": session})).await;
+            let alive = live_instances(&w.moto, "chaos")
+                .await
+                .iter()
+                .any(|x| &x.id == i && x.state == "running");
+            assert!(
+                alive,
+                "run {run}: the instance a live session uses was terminated; log:\n{}",
+                d2.log_text()
+            );
+            sim_util::ssm(
+                w.sim.local_addr(),
+                "TerminateSession",
+                serde_json::json!({"SessionId": session}),
+            )
+            .await;
         }
         // Nothing uses it: it is reaped (idle 2 s) and the registry empties.
         let deadline = Instant::now() + Duration::from_secs(40);
         while !(live_instances(&w.moto, "chaos").await.is_empty()
-            && registry(&state)["records"].as_object().is_none_or(|m| m.is_empty()))
+            && registry(&state)["records"]
+                .as_object()
+                .is_none_or(|m| m.is_empty()))
         {
             assert!(
                 Instant::now() < deadline,
                 "run {run} (killed in {killed_in}): not reaped after restart; registry {}; sessions {:?}; log:\n{}",
                 registry(&state),
-                w.sim.sessions().iter().map(|s| (s.session_id.clone(), s.status.clone())).collect::<Vec<_>>(),
-                d2.log_text().lines().filter(|l| !l.contains(" DEBUG ")).collect::<Vec<_>>().join("\n")
+                w.sim
+                    .sessions()
+                    .iter()
+                    .map(|s| (s.session_id.clone(), s.status.clone()))
+                    .collect::<Vec<_>>(),
+                d2.log_text()
+                    .lines()
+                    .filter(|l| !l.contains(" DEBUG "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        report.push(format!("run {run}: killed in {killed_in}{}", if colleague.is_some() { " (session in use)" } else { "" }));
+        report.push(format!(
+            "run {run}: killed in {killed_in}{}",
+            if colleague.is_some() {
+                " (session in use)"
+            } else {
+                ""
+            }
+        ));
         drop(d2);
         let _ = std::fs::remove_dir_all(&state);
     }
     eprintln!("{}", report.join("\n"));
     for p in phases {
         assert!(
-            report.iter().filter(|r| r.contains(&format!("killed in {p}"))).count() >= 2,
+            report
+                .iter()
+                .filter(|r| r.contains(&format!("killed in {p}")))
+                .count()
+                >= 2,
             "phase {p} was hit fewer than twice: {report:?}"
         );
     }
@@ -631,9 +751,22 @@ async fn fargate_task_is_run_targeted_and_stopped_against_moto_ecs() {
         .expect("RegisterTaskDefinition");
     let ec2 = w.moto.ec2();
     let subnets = ec2.call("DescribeSubnets", &[]).await.expect("subnets");
-    let subnet = subnets.find("subnetId").expect("a subnet").text.trim().to_owned();
-    let groups = ec2.call("DescribeSecurityGroups", &[]).await.expect("groups");
-    let group = groups.find("groupId").expect("a group").text.trim().to_owned();
+    let subnet = subnets
+        .find("subnetId")
+        .expect("a subnet")
+        .text
+        .trim()
+        .to_owned();
+    let groups = ec2
+        .call("DescribeSecurityGroups", &[])
+        .await
+        .expect("groups");
+    let group = groups
+        .find("groupId")
+        .expect("a group")
+        .text
+        .trim()
+        .to_owned();
 
     let echo = sim_util::echo_server().await;
     let local = free_port();
@@ -660,10 +793,20 @@ async fn fargate_task_is_run_targeted_and_stopped_against_moto_ecs() {
     echo_roundtrip(local, 128 * 1024).await;
     let s = status(&d, "fg");
     let target = s["bastion"]["target"].as_str().expect("target").to_owned();
-    assert!(target.starts_with(&format!("ecs:bastions_{task_id}_")), "{s}");
-    assert!(target.len() > format!("ecs:bastions_{task_id}_").len(), "{target}");
+    assert!(
+        target.starts_with(&format!("ecs:bastions_{task_id}_")),
+        "{s}"
+    );
+    assert!(
+        target.len() > format!("ecs:bastions_{task_id}_").len(),
+        "{target}"
+    );
     let sessions = w.sim.sessions();
-    assert!(sessions.iter().any(|x| x.target == target), "sim saw {:?}", sessions.iter().map(|x| &x.target).collect::<Vec<_>>());
+    assert!(
+        sessions.iter().any(|x| x.target == target),
+        "sim saw {:?}",
+        sessions.iter().map(|x| &x.target).collect::<Vec<_>>()
+    );
 
     // Idle for 2 s: the task is stopped.
     let seen = next_phase(&rx, &["terminated"], Duration::from_secs(40));
@@ -681,4 +824,49 @@ async fn fargate_task_is_run_targeted_and_stopped_against_moto_ecs() {
     let mut events = events;
     let _ = events.kill();
     let _ = events.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn launch_failures_and_a_bastion_that_never_comes_online_are_named() {
+    // The simulator never reports the instance Online (an hour's boot delay), as for a
+    // subnet without a route to the Session Manager endpoints.
+    let w = world(Duration::from_secs(3600)).await;
+    let echo = sim_util::echo_server().await;
+    let (lost_port, bad_port) = (free_port(), free_port());
+    let config = ec2_profile("lost", echo, lost_port, "ready_timeout = \"3s\"")
+        + &ec2_profile("badnet", echo, bad_port, "subnet = \"subnet-00000000\"");
+    let state = state_dir("errors");
+    let d = daemon(&w, &config, &state, &w.moto.url());
+
+    let started = Instant::now();
+    let (code, _, err) = d.ctl(&["open", "lost", "--warm"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("did not come online with Session Manager within 3 s")
+            && err.contains("VPC endpoints")
+            && err.contains("AmazonSSMManagedInstanceCore"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let s = status(&d, "lost");
+    assert_eq!(s["bastion"]["phase"], "waiting_online", "{s}");
+
+    let (code, _, err) = d.ctl(&["open", "badnet", "--warm"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot launch a bastion") && err.contains("subnet-00000000"),
+        "{err}"
+    );
+    assert!(live_instances(&w.moto, "badnet").await.is_empty());
+    let reg = registry(&state);
+    assert!(
+        reg["records"]
+            .as_object()
+            .is_some_and(|m| m.keys().all(|k| !k.starts_with("badnet"))),
+        "a failed launch left a record: {reg}"
+    );
 }

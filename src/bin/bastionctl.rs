@@ -563,7 +563,8 @@ fn bastion_rows(b: &bastion::api::BastionStatus) -> Vec<(&'static str, String)> 
         ),
         (
             "expires in",
-            b.expires_in_secs.map_or_else(|| "-".to_owned(), human_duration),
+            b.expires_in_secs
+                .map_or_else(|| "-".to_owned(), human_duration),
         ),
         (
             "idle for",

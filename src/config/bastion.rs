@@ -59,7 +59,11 @@ impl Arch {
     pub fn of_instance_type(instance_type: &str) -> Arch {
         let family = instance_type.split('.').next().unwrap_or_default();
         match family.find(|c: char| c.is_ascii_digit()) {
-            Some(i) if family[i..].trim_start_matches(|c: char| c.is_ascii_digit()).starts_with('g') => {
+            Some(i)
+                if family[i..]
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .starts_with('g') =>
+            {
                 Arch::Arm64
             }
             _ => Arch::X86_64,
@@ -199,10 +203,7 @@ fn id_like(ctx: &mut Ctx, v: &Spanned<String>, key: &str, prefix: &str) -> Optio
     if ok {
         Some(s.to_owned())
     } else {
-        ctx.err(
-            Some(v.span()),
-            format!("{key} {s:?} is not a {prefix}… id"),
-        );
+        ctx.err(Some(v.span()), format!("{key} {s:?} is not a {prefix}… id"));
         None
     }
 }
@@ -264,7 +265,9 @@ pub(super) fn validate(
                 if !ok {
                     ctx.err(
                         Some(v.span()),
-                        format!("{table:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
+                        format!(
+                            "{table:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"
+                        ),
                     );
                 }
                 RegistryLocation::DynamoDb(table.to_owned())
@@ -303,7 +306,9 @@ pub(super) fn validate(
             });
             let instance_type = m(|r| &r.instance_type).map(|v| v.get_ref().trim().to_owned());
             if let Some(t) = &instance_type
-                && !(t.contains('.') && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+                && !(t.contains('.')
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
             {
                 ctx.err(
                     m(|r| &r.instance_type).map(|v| v.span()),
@@ -326,7 +331,9 @@ pub(super) fn validate(
                         Arch::X86_64
                     }
                 },
-                None => Arch::of_instance_type(instance_type.as_deref().unwrap_or(DEFAULT_INSTANCE_TYPE)),
+                None => Arch::of_instance_type(
+                    instance_type.as_deref().unwrap_or(DEFAULT_INSTANCE_TYPE),
+                ),
             };
             let ami = match m(|r| &r.ami) {
                 Some(a) => {
@@ -356,12 +363,20 @@ pub(super) fn validate(
             );
             for (key, set) in [
                 ("cluster", p.cluster.is_some() || d.cluster.is_some()),
-                ("task_definition", p.task_definition.is_some() || d.task_definition.is_some()),
+                (
+                    "task_definition",
+                    p.task_definition.is_some() || d.task_definition.is_some(),
+                ),
                 ("subnets", p.subnets.is_some()),
                 ("container", p.container.is_some() || d.container.is_some()),
             ] {
                 if set {
-                    ctx.err(Some(at.clone()), format!("bastion.{key} is a fargate setting; this profile's provider is ec2"));
+                    ctx.err(
+                        Some(at.clone()),
+                        format!(
+                            "bastion.{key} is a fargate setting; this profile's provider is ec2"
+                        ),
+                    );
                 }
             }
             Some(Provider::Ec2(Ec2Bastion {
@@ -395,7 +410,12 @@ pub(super) fn validate(
                 ("user_data", p.user_data.is_some()),
             ] {
                 if set {
-                    ctx.err(Some(at.clone()), format!("bastion.{key} is an ec2 setting; this profile's provider is fargate"));
+                    ctx.err(
+                        Some(at.clone()),
+                        format!(
+                            "bastion.{key} is an ec2 setting; this profile's provider is fargate"
+                        ),
+                    );
                 }
             }
             Some(Provider::Fargate(FargateBastion {
@@ -416,7 +436,10 @@ pub(super) fn validate(
             None
         }
         None => {
-            ctx.err(Some(at), "the bastion section needs provider = \"ec2\" or \"fargate\"");
+            ctx.err(
+                Some(at),
+                "the bastion section needs provider = \"ec2\" or \"fargate\"",
+            );
             None
         }
     };
@@ -497,4 +520,190 @@ fn user_data_template(
         ctx.err(Some(span), e);
     }
     template
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Target};
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("c.toml"), &|_| None).map_err(|e| e.to_string())
+    }
+
+    const BASE: &str =
+        "[profiles.pg]\nremote_host = \"db\"\nremote_port = 5432\nlocal_port = 5432\n";
+
+    #[test]
+    fn ec2_defaults() {
+        let c = parse(&format!(
+            "{BASE}[profiles.pg.bastion]\nprovider = \"ec2\"\n"
+        ))
+        .unwrap();
+        let p = &c.profiles["pg"];
+        assert_eq!(p.target, Target::OnDemand("ec2"));
+        let b = p.bastion.as_ref().unwrap();
+        assert_eq!(b.idle_timeout, Duration::from_secs(900));
+        assert_eq!(b.max_lifetime, Duration::from_secs(8 * 3600));
+        assert_eq!(b.lifetime_warning, Duration::from_secs(300));
+        assert_eq!(b.registry, RegistryLocation::Local);
+        let Provider::Ec2(e) = &b.provider else {
+            panic!("{b:?}")
+        };
+        assert_eq!(e.instance_type.as_deref(), Some("t4g.nano"));
+        assert_eq!(
+            e.ami,
+            Ami::Parameter(
+                "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64".into()
+            )
+        );
+        assert_eq!(e.user_data.source, "none");
+    }
+
+    #[test]
+    fn defaults_merge_key_by_key() {
+        let text = format!(
+            "[defaults.bastion]\nprovider = \"ec2\"\nsubnet = \"subnet-0abc\"\nregistry = \"dynamodb:team\"\n\
+             {BASE}[profiles.pg.bastion]\ninstance_type = \"t3.small\"\nshared = true\n\
+             [profiles.fixed]\ntarget = \"i-0123456789abcdef0\"\nremote_port = 22\nlocal_port = 2222\n"
+        );
+        let c = parse(&text).unwrap();
+        let b = c.profiles["pg"].bastion.as_ref().unwrap();
+        let Provider::Ec2(e) = &b.provider else {
+            panic!("{b:?}")
+        };
+        assert_eq!(e.subnet.as_deref(), Some("subnet-0abc"));
+        assert_eq!(e.instance_type.as_deref(), Some("t3.small"));
+        assert!(matches!(&e.ami, Ami::Parameter(p) if p.ends_with("x86_64")));
+        assert_eq!(b.registry, RegistryLocation::DynamoDb("team".into()));
+        assert!(b.shared);
+        // A profile with its own target keeps it.
+        assert!(c.profiles["fixed"].bastion.is_none());
+        assert_eq!(
+            c.profiles["fixed"].target,
+            Target::Instance("i-0123456789abcdef0".into())
+        );
+    }
+
+    #[test]
+    fn fargate_settings() {
+        let c = parse(&format!(
+            "{BASE}[profiles.pg.bastion]\nprovider = \"fargate\"\ncluster = \"c\"\n\
+             task_definition = \"bastion:3\"\nsubnets = [\"subnet-1\"]\nsecurity_groups = [\"sg-1\"]\n"
+        ))
+        .unwrap();
+        let b = c.profiles["pg"].bastion.as_ref().unwrap();
+        assert_eq!(c.profiles["pg"].target, Target::OnDemand("fargate"));
+        assert!(
+            matches!(&b.provider, Provider::Fargate(f) if f.subnets == ["subnet-1"] && f.task_definition == "bastion:3")
+        );
+    }
+
+    #[test]
+    fn errors_are_named_with_positions() {
+        let cases = [
+            (
+                "target = \"i-0123456789abcdef0\"\n[profiles.pg.bastion]\nprovider = \"ec2\"\n",
+                "launches its target",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"lambda\"\n",
+                "use \"ec2\" or \"fargate\"",
+            ),
+            (
+                "[profiles.pg.bastion]\ninstance_type = \"t3.micro\"\n",
+                "needs provider",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"fargate\"\ncluster = \"c\"\n",
+                "needs cluster, task_definition and subnets",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"fargate\"\ncluster = \"c\"\ntask_definition = \"t\"\nsubnets = [\"subnet-1\"]\nami = \"ami-1\"\n",
+                "bastion.ami is an ec2 setting",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"ec2\"\nsubnet = \"vpc-1\"\n",
+                "is not a subnet-… id",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"ec2\"\nuser_data = \"web\"\n",
+                "use a built-in template (db-tunnel, tools)",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"ec2\"\nregistry = \"s3:x\"\n",
+                "use \"local\" or \"dynamodb:<table>\"",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"ec2\"\nmax_lifetime = \"0s\"\n",
+                "greater than zero",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"ec2\"\ntags = { \"bastion:x\" = \"1\" }\n",
+                "reserved",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"ec2\"\nuser_data_vars = { team = \"a b\" }\n",
+                "may only use",
+            ),
+            (
+                "[profiles.pg.bastion]\nprovider = \"ec2\"\nflavour = 1\n",
+                "unknown field",
+            ),
+        ];
+        for (section, wanted) in cases {
+            let e = parse(&format!("{BASE}{section}")).unwrap_err();
+            assert!(e.contains(wanted), "{section:?}: {e}");
+            assert!(e.contains("c.toml:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn file_templates_are_checked_when_loading() {
+        let dir = std::env::temp_dir().join(format!("bastion-ud-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.sh");
+        std::fs::write(&good, "#!/bin/sh\necho {{team}} {{remote_port}}\n").unwrap();
+        let bad = dir.join("bad.sh");
+        std::fs::write(&bad, "echo {{nope}}\n").unwrap();
+        let ok = parse(&format!(
+            "{BASE}[profiles.pg.bastion]\nprovider = \"ec2\"\nuser_data = \"file:{}\"\nuser_data_vars = {{ team = \"dba\" }}\n",
+            good.display()
+        ))
+        .unwrap();
+        let Some(Provider::Ec2(e)) = ok.profiles["pg"].bastion.as_ref().map(|b| &b.provider) else {
+            panic!()
+        };
+        assert!(e.user_data.body.contains("{{team}}"));
+        let e = parse(&format!(
+            "{BASE}[profiles.pg.bastion]\nprovider = \"ec2\"\nuser_data = \"file:{}\"\n",
+            bad.display()
+        ))
+        .unwrap_err();
+        assert!(e.contains("unknown variable {{nope}}"), "{e}");
+        let e = parse(&format!(
+            "{BASE}[profiles.pg.bastion]\nprovider = \"ec2\"\nuser_data = \"file:{}/missing.sh\"\n",
+            dir.display()
+        ))
+        .unwrap_err();
+        assert!(e.contains("cannot read user_data template"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn architecture_from_instance_type() {
+        for (t, a) in [
+            ("t4g.nano", Arch::Arm64),
+            ("m7g.large", Arch::Arm64),
+            ("c6gn.xlarge", Arch::Arm64),
+            ("r8gd.2xlarge", Arch::Arm64),
+            ("t3.micro", Arch::X86_64),
+            ("g5.xlarge", Arch::X86_64),
+            ("g5g.xlarge", Arch::Arm64),
+            ("m5.large", Arch::X86_64),
+        ] {
+            assert_eq!(Arch::of_instance_type(t), a, "{t}");
+        }
+    }
 }

@@ -692,7 +692,10 @@ async fn events(
         loop {
             match rx.recv().await {
                 Ok(p) => {
-                    return Some((Ok::<_, Infallible>(ndjson_line(&OpenEvent::Progress(p))), rx));
+                    return Some((
+                        Ok::<_, Infallible>(ndjson_line(&OpenEvent::Progress(p))),
+                        rx,
+                    ));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,

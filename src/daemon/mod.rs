@@ -99,7 +99,10 @@ impl Daemon {
         for (session_id, profile) in leftovers {
             match profiles.get(&profile).or_else(|| profiles.values().next()) {
                 Some(p) => p.end_leftover_session(&session_id).await,
-                None => tracing::warn!(session_id, "a previous run left a session open; no profile to end it with"),
+                None => tracing::warn!(
+                    session_id,
+                    "a previous run left a session open; no profile to end it with"
+                ),
             }
         }
     }
@@ -184,8 +187,7 @@ impl Daemon {
                 Some(rt) => {
                     let was_open = rt.status().state != crate::api::ProfileState::Closed;
                     rt.close().await;
-                    let fresh =
-                        ProfileRuntime::new(
+                    let fresh = ProfileRuntime::new(
                         p,
                         self.tunnel_config.clone(),
                         self.api.clone(),
@@ -198,8 +200,7 @@ impl Daemon {
                     next.insert(name, fresh);
                 }
                 None => {
-                    let fresh =
-                        ProfileRuntime::new(
+                    let fresh = ProfileRuntime::new(
                         p,
                         self.tunnel_config.clone(),
                         self.api.clone(),

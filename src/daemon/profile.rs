@@ -17,10 +17,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::api::{ApiError, ProfileState, ProfileStatus, Progress};
 use crate::aws::ssm::{AwsError, SsmApi, StartRequest};
 use crate::config::{DOC_REMOTE_HOST, Listen, Profile, Target};
-use crate::proto::session::DataMode;
-use crate::proto::version::{REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION, agent_supports_remote_host};
 use crate::ondemand::Host;
 use crate::ondemand::manager::{Bastions, Decision};
+use crate::proto::session::DataMode;
+use crate::proto::version::{REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION, agent_supports_remote_host};
 use crate::transport::ssm::{ResumeError, Resumer, Tunnel, TunnelConfig, TunnelStats};
 
 /// Gives a profile its SSM API client (cached per AWS profile and region).
@@ -703,7 +703,10 @@ impl ProfileRuntime {
                 Err(e) => {
                     return Err(user_error(
                         "start_session_failed",
-                        format!("{} (bastion {target})", describe_aws_error(&self.profile, &e)),
+                        format!(
+                            "{} (bastion {target})",
+                            describe_aws_error(&self.profile, &e)
+                        ),
                     ));
                 }
             }
@@ -936,8 +939,12 @@ impl ProfileRuntime {
     pub async fn end_leftover_session(&self, session_id: &str) {
         let api = (self.api)(&self.profile).await;
         match api.terminate_session(session_id).await {
-            Ok(()) => info!(profile = %self.profile.name, session_id, "ended a session left open by a previous run"),
-            Err(e) => warn!(profile = %self.profile.name, session_id, error = %e, "cannot end a session left by a previous run"),
+            Ok(()) => {
+                info!(profile = %self.profile.name, session_id, "ended a session left open by a previous run")
+            }
+            Err(e) => {
+                warn!(profile = %self.profile.name, session_id, error = %e, "cannot end a session left by a previous run")
+            }
         }
     }
 

@@ -52,11 +52,16 @@ impl CloudError {
         let (code, message) = match &e {
             AwsError::AccessDenied(m) => (
                 "missing_permission",
-                format!("not authorized to perform {action} (the caller needs this IAM permission): {m}"),
+                format!(
+                    "not authorized to perform {action} (the caller needs this IAM permission): {m}"
+                ),
             ),
             AwsError::Credentials(_) => ("credentials", e.to_string()),
             AwsError::Throttled(_) => ("throttled", format!("{action}: {e}")),
-            AwsError::Other { code, .. } if code.contains("Capacity") || code == "PlatformTaskDefinitionIncompatibilityException" => {
+            AwsError::Other { code, .. }
+                if code.contains("Capacity")
+                    || code == "PlatformTaskDefinitionIncompatibilityException" =>
+            {
                 ("capacity", format!("{action}: {e}"))
             }
             AwsError::Other { code, .. } if code.contains("Limit") || code.contains("Quota") => {
@@ -158,11 +163,14 @@ impl Cloud {
                             .map_err(|e| CloudError::from_aws("ssm:GetParameter (AMI)", e))?,
                     ),
                 };
-                let user_data = spec.user_data.render(launch).map_err(|message| CloudError {
-                    code: "invalid_bastion_config",
-                    message,
-                    retryable: false,
-                })?;
+                let user_data = spec
+                    .user_data
+                    .render(launch)
+                    .map_err(|message| CloudError {
+                        code: "invalid_bastion_config",
+                        message,
+                        retryable: false,
+                    })?;
                 let launch_spec = LaunchSpec {
                     launch_template: spec.launch_template.as_ref().map(|(id, version)| {
                         LaunchTemplateRef {
@@ -285,7 +293,8 @@ impl Cloud {
             Cloud::Ec2 { .. } => ("", None),
         };
         let state = match (task.desired_status.as_str(), task.last_status.as_str()) {
-            ("STOPPED", _) | (_, "DEPROVISIONING" | "STOPPING" | "DEACTIVATING" | "STOPPED" | "DELETED") => {
+            ("STOPPED", _)
+            | (_, "DEPROVISIONING" | "STOPPING" | "DEACTIVATING" | "STOPPED" | "DELETED") => {
                 ResourceState::Gone
             }
             (_, "RUNNING") => ResourceState::Running(task.ssm_target(cluster, container)),

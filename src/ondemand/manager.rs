@@ -20,8 +20,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::Host;
 use super::cloud::{Cloud, CloudError, Resource, ResourceState, TAG_LAUNCH_ID};
 use super::registry::{
-    DynamoRegistry, FileRegistry, Phase, ProviderKind, Record, Registry, RegistryError,
-    record_key,
+    DynamoRegistry, FileRegistry, Phase, ProviderKind, Record, Registry, RegistryError, record_key,
 };
 use super::userdata::LaunchValues;
 use crate::api::{ApiError, BastionStatus, Progress};
@@ -140,7 +139,9 @@ impl Bastions {
     }
 
     fn emit(&self, phase: &str, record: Option<&Record>, detail: Option<String>) {
-        let elapsed = record.map_or(0.0, |r| now_ms().saturating_sub(r.created_ms) as f64 / 1000.0);
+        let elapsed = record.map_or(0.0, |r| {
+            now_ms().saturating_sub(r.created_ms) as f64 / 1000.0
+        });
         let _ = self.events.send(Progress {
             phase: phase.to_owned(),
             elapsed_secs: elapsed,
@@ -163,12 +164,16 @@ impl Bastions {
     }
 
     async fn build_ctx(&self, config: &SdkConfig) -> Result<Ctx, ApiError> {
-        let identity = crate::aws::sts::caller_identity(config).await.map_err(|e| {
-            api_error(
-                "credentials",
-                format!("cannot tell who is launching the bastion (sts:GetCallerIdentity): {e}"),
-            )
-        })?;
+        let identity = crate::aws::sts::caller_identity(config)
+            .await
+            .map_err(|e| {
+                api_error(
+                    "credentials",
+                    format!(
+                        "cannot tell who is launching the bastion (sts:GetCallerIdentity): {e}"
+                    ),
+                )
+            })?;
         let cloud = match &self.cfg.provider {
             Provider::Ec2(spec) => Cloud::Ec2 {
                 ec2: crate::aws::ec2::Ec2Api::new(config)
@@ -185,7 +190,9 @@ impl Bastions {
                 self.host.state_dir.join("registry.json"),
                 &self.host.daemon_id,
             )),
-            RegistryLocation::DynamoDb(table) => Registry::Dynamo(DynamoRegistry::new(config, table)),
+            RegistryLocation::DynamoDb(table) => {
+                Registry::Dynamo(DynamoRegistry::new(config, table))
+            }
         };
         Ok(Ctx {
             key: record_key(&self.profile, &identity.arn, self.cfg.shared),
@@ -268,7 +275,10 @@ impl Bastions {
                         self.emit(
                             "waiting_for_launch",
                             Some(&record),
-                            Some(format!("another daemon ({}) is launching it", record.holder)),
+                            Some(format!(
+                                "another daemon ({}) is launching it",
+                                record.holder
+                            )),
                         );
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
@@ -332,7 +342,8 @@ impl Bastions {
     /// target, or `None` to look again.
     async fn use_ready(&self, ctx: &Ctx, record: Record) -> Result<Option<String>, ApiError> {
         if now_ms() >= record.expires_ms {
-            self.terminate_record(ctx, record, "max lifetime reached").await?;
+            self.terminate_record(ctx, record, "max lifetime reached")
+                .await?;
             return Ok(None);
         }
         let stale = self
@@ -404,7 +415,11 @@ impl Bastions {
             resource: Some(r.id.clone()),
             target: None,
             profile: self.profile.clone(),
-            owner: r.tags.get("bastion:owner").cloned().unwrap_or_else(|| ctx.owner.clone()),
+            owner: r
+                .tags
+                .get("bastion:owner")
+                .cloned()
+                .unwrap_or_else(|| ctx.owner.clone()),
             holder: self.host.daemon_id.clone(),
             lease_until_ms: now + ms(LEASE),
             created_ms: created,
@@ -507,7 +522,10 @@ impl Bastions {
                 self.forget(ctx, &record, "gone").await?;
                 return Err(api_error(
                     "bastion_gone",
-                    format!("bastion {resource} of profile {} stopped while it was booting", self.profile),
+                    format!(
+                        "bastion {resource} of profile {} stopped while it was booting",
+                        self.profile
+                    ),
                 ));
             }
             if self.is_mine(&record) && record.lease_until_ms < now_ms() + ms(LEASE) / 2 {
@@ -568,7 +586,12 @@ impl Bastions {
     }
 
     /// Records `terminating`, then terminates.
-    async fn terminate_record(&self, ctx: &Ctx, record: Record, reason: &str) -> Result<(), ApiError> {
+    async fn terminate_record(
+        &self,
+        ctx: &Ctx,
+        record: Record,
+        reason: &str,
+    ) -> Result<(), ApiError> {
         let mut next = record.clone();
         next.version += 1;
         next.phase = Phase::Terminating;
@@ -635,7 +658,10 @@ impl Bastions {
         let Some(ctx) = self.ctx.get() else {
             return Decision::Keep;
         };
-        let sweep_due = self.mem().swept_at.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+        let sweep_due = self
+            .mem()
+            .swept_at
+            .is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
         if sweep_due && connections == 0 {
             self.mem().swept_at = Some(Instant::now());
             if let Err(e) = self.reconcile().await {
@@ -713,10 +739,17 @@ impl Bastions {
             return Decision::Keep;
         }
         self.mem().sessions_checked_at = Some(Instant::now());
-        let target = record.target.clone().or(record.resource.clone()).unwrap_or_default();
+        let target = record
+            .target
+            .clone()
+            .or(record.resource.clone())
+            .unwrap_or_default();
         match ctx.ssm.active_sessions(&target).await {
             Ok(active) => {
-                let others: Vec<&String> = active.iter().filter(|s| !own_sessions.contains(s)).collect();
+                let others: Vec<&String> = active
+                    .iter()
+                    .filter(|s| !own_sessions.contains(s))
+                    .collect();
                 if others.is_empty() {
                     Decision::Terminate(format!(
                         "idle for {} (no connection, no Active session)",
@@ -815,7 +848,8 @@ impl Bastions {
                         info!(resource = %resource, "the registry's bastion is gone; forgetting it");
                         self.forget(ctx, &record, "gone").await?;
                     } else if now_ms() >= record.expires_ms {
-                        self.terminate_record(ctx, record, "max lifetime reached").await?;
+                        self.terminate_record(ctx, record, "max lifetime reached")
+                            .await?;
                     }
                 }
                 _ => {}
@@ -836,7 +870,12 @@ impl Bastions {
                 _ => None,
             };
             let used = match &target {
-                Some(t) => ctx.ssm.active_sessions(t).await.map(|s| !s.is_empty()).unwrap_or(true),
+                Some(t) => ctx
+                    .ssm
+                    .active_sessions(t)
+                    .await
+                    .map(|s| !s.is_empty())
+                    .unwrap_or(true),
                 None => false,
             };
             if used && owned.is_none() {

@@ -77,7 +77,10 @@ impl Host {
         self.state_dir.join("sessions.json")
     }
 
-    fn edit_ledger(&self, f: impl FnOnce(&mut BTreeMap<String, String>)) -> BTreeMap<String, String> {
+    fn edit_ledger(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> BTreeMap<String, String> {
         let _guard = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.ledger_path();
         let mut map: BTreeMap<String, String> = std::fs::read_to_string(&path)
@@ -133,9 +136,16 @@ fn new_id(path: &Path) -> std::io::Result<String> {
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|h| h.trim().to_owned())
         .ok()
-        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)))
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+        })
         .unwrap_or_else(|| "host".to_owned());
-    let id = format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let id = format!(
+        "{host}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)

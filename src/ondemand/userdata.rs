@@ -132,7 +132,10 @@ fn parse(body: &str) -> Result<Vec<Piece<'_>>, String> {
         out.push(Piece::Text(&rest[..open]));
         let after = &rest[open + 2..];
         let close = after.find("}}").ok_or_else(|| {
-            let line = body[..body.len() - rest.len() + open].lines().count().max(1);
+            let line = body[..body.len() - rest.len() + open]
+                .lines()
+                .count()
+                .max(1);
             format!("user-data template: unclosed {{{{ on line {line}")
         })?;
         out.push(Piece::Var(after[..close].trim()));
@@ -169,7 +172,9 @@ impl Template {
         values.insert("profile", self.profile.clone());
         values.insert(
             "remote_host",
-            self.remote_host.clone().unwrap_or_else(|| "localhost".into()),
+            self.remote_host
+                .clone()
+                .unwrap_or_else(|| "localhost".into()),
         );
         values.insert(
             "remote_port",
@@ -246,13 +251,17 @@ mod tests {
 
     #[test]
     fn renders_prologue_and_variables() {
-        let out = template("#!/bin/sh\necho {{ remote_host }}:{{remote_port}} {{team}} {{owner}}\n")
-            .render(&launch())
-            .unwrap();
+        let out =
+            template("#!/bin/sh\necho {{ remote_host }}:{{remote_port}} {{team}} {{owner}}\n")
+                .render(&launch())
+                .unwrap();
         assert!(out.starts_with("#!/bin/bash\n"), "{out}");
         assert!(out.contains("shutdown -h +2 "), "{out}");
         assert!(out.contains("sleep 120; poweroff"), "{out}");
-        assert!(out.ends_with("echo db.internal:5432 dba arn:aws:iam::123456789012:user/dev\n"), "{out}");
+        assert!(
+            out.ends_with("echo db.internal:5432 dba arn:aws:iam::123456789012:user/dev\n"),
+            "{out}"
+        );
         assert!(!out.contains("#!/bin/sh"), "{out}");
     }
 
@@ -269,10 +278,15 @@ mod tests {
     #[test]
     fn errors_are_specific() {
         let e = template("echo {{nope}}").render(&launch()).unwrap_err();
-        assert!(e.contains("unknown variable {{nope}}") && e.contains("remote_host"), "{e}");
+        assert!(
+            e.contains("unknown variable {{nope}}") && e.contains("remote_host"),
+            "{e}"
+        );
         let e = template("a\necho {{x").render(&launch()).unwrap_err();
         assert!(e.contains("unclosed {{ on line 2"), "{e}");
-        let big = template(&"x".repeat(MAX_USER_DATA_BYTES)).check().unwrap_err();
+        let big = template(&"x".repeat(MAX_USER_DATA_BYTES))
+            .check()
+            .unwrap_err();
         assert!(big.contains("at most 16384"), "{big}");
         assert!(check_variable("team", "a;rm -rf /").is_err());
         assert!(check_variable("Team", "a").is_err());
