@@ -330,3 +330,43 @@ fn ec2_resource(i: crate::aws::ec2::Instance) -> Resource {
         tags: i.tags,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_errors_get_codes_a_user_can_act_on() {
+        let ec2 =
+            |code: &str| CloudError::from(Ec2Error::from_code("RunInstances", 400, code, "m"));
+        assert_eq!(ec2("UnauthorizedOperation").code, "missing_permission");
+        assert!(
+            ec2("UnauthorizedOperation")
+                .message
+                .contains("ec2:RunInstances")
+        );
+        assert_eq!(ec2("InsufficientInstanceCapacity").code, "capacity");
+        assert_eq!(ec2("VcpuLimitExceeded").code, "quota");
+        assert_eq!(ec2("InstanceLimitExceeded").code, "quota");
+        assert_eq!(
+            ec2("InvalidSubnetID.NotFound").code,
+            "invalid_bastion_config"
+        );
+        assert_eq!(ec2("RequestLimitExceeded").code, "throttled");
+        assert!(ec2("RequestLimitExceeded").retryable);
+        let aws = |e| CloudError::from_aws("ecs:RunTask", e);
+        let denied = aws(AwsError::AccessDenied("no".into()));
+        assert_eq!(denied.code, "missing_permission");
+        assert!(denied.message.contains("ecs:RunTask"), "{}", denied.message);
+        let missing = aws(AwsError::Other {
+            code: "ClusterNotFoundException".into(),
+            message: "Cluster not found.".into(),
+        });
+        assert_eq!(missing.code, "invalid_bastion_config");
+        assert_eq!(
+            cluster_name("arn:aws:ecs:eu-west-1:1:cluster/bastions"),
+            "bastions"
+        );
+        assert_eq!(cluster_name("bastions"), "bastions");
+    }
+}
