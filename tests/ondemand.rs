@@ -131,26 +131,6 @@ fn status(d: &DaemonProcess, name: &str) -> Value {
     serde_json::from_str(&out).expect("status JSON")
 }
 
-async fn echo_roundtrip(port: u16, len: usize) {
-    let data: Vec<u8> = (0..len as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let mut conn = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let (mut rd, mut wr) = conn.split();
-    let mut back = vec![0u8; data.len()];
-    let send = async { wr.write_all(&data).await.expect("send") };
-    let recv = async {
-        tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut back))
-            .await
-            .expect("echo within 60 s")
-            .expect("read echo");
-    };
-    tokio::join!(send, recv);
-    assert!(back == data, "the echo differs from what was sent");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cold_path_launches_waits_for_online_and_postgres_answers() {
     let boot = Duration::from_secs(3);
@@ -352,8 +332,8 @@ async fn two_daemons_sharing_a_dynamodb_registry_launch_one_bastion() {
     );
     assert_eq!(live[0].tags["bastion:key"], "team");
 
-    echo_roundtrip(pa, 256 * 1024).await;
-    echo_roundtrip(pb, 256 * 1024).await;
+    e2e_util::echo_roundtrip(pa, 256 * 1024).await;
+    e2e_util::echo_roundtrip(pb, 256 * 1024).await;
     let (sa_, sb_) = (status(&a, "team"), status(&b, "team"));
     assert_eq!(sa_["bastion"]["resource"], live[0].id.as_str(), "{sa_}");
     assert_eq!(sb_["bastion"]["resource"], live[0].id.as_str(), "{sb_}");
@@ -429,7 +409,7 @@ async fn idle_reaping_and_max_lifetime_terminate_the_instance() {
     let (code, _, err) = d.ctl(&["open", "idle", "--warm"]);
     assert_eq!(code, 0, "{err}; log:\n{}", d.log_text());
     let instance = live_instances(&w.moto, "idle").await[0].id.clone();
-    echo_roundtrip(idle_port, 64 * 1024).await;
+    e2e_util::echo_roundtrip(idle_port, 64 * 1024).await;
     let seen = next_phase(&idle_rx, &["terminated"], Duration::from_secs(40));
     let idle_at = seen.iter().position(|p| p == "idle").expect("idle event");
     let term_at = seen
@@ -607,7 +587,7 @@ async fn kill_9_in_every_phase_leaves_nothing_unowned_and_keeps_used_bastions() 
             let phase = phase_of(&state);
             if phase.as_deref() == Some("ready") && !used && target_phase != "ready" {
                 used = true;
-                echo_roundtrip(local, 16 * 1024).await;
+                e2e_util::echo_roundtrip(local, 16 * 1024).await;
             }
             if phase.as_deref() == Some(target_phase) {
                 break;
@@ -724,50 +704,13 @@ async fn kill_9_in_every_phase_leaves_nothing_unowned_and_keeps_used_bastions() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fargate_task_is_run_targeted_and_stopped_against_moto_ecs() {
-    use aws_sdk_ecs::types::{Compatibility, ContainerDefinition, NetworkMode};
     let w = world(Duration::ZERO).await;
     w.moto.set_ecs_manual_transitions().await;
+    w.moto
+        .ecs_cluster_and_task_definition("bastions", "bastion")
+        .await;
+    let (subnet, group) = w.moto.default_network().await;
     let ecs = aws_sdk_ecs::Client::new(&w.moto.sdk_config());
-    ecs.create_cluster()
-        .cluster_name("bastions")
-        .send()
-        .await
-        .expect("CreateCluster");
-    ecs.register_task_definition()
-        .family("bastion")
-        .network_mode(NetworkMode::Awsvpc)
-        .requires_compatibilities(Compatibility::Fargate)
-        .cpu("256")
-        .memory("512")
-        .container_definitions(
-            ContainerDefinition::builder()
-                .name("bastion")
-                .image("public.ecr.aws/amazonlinux/amazonlinux:2023")
-                .memory(512)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("RegisterTaskDefinition");
-    let ec2 = w.moto.ec2();
-    let subnets = ec2.call("DescribeSubnets", &[]).await.expect("subnets");
-    let subnet = subnets
-        .find("subnetId")
-        .expect("a subnet")
-        .text
-        .trim()
-        .to_owned();
-    let groups = ec2
-        .call("DescribeSecurityGroups", &[])
-        .await
-        .expect("groups");
-    let group = groups
-        .find("groupId")
-        .expect("a group")
-        .text
-        .trim()
-        .to_owned();
-
     let echo = sim_util::echo_server().await;
     let local = free_port();
     let config = format!(
@@ -790,7 +733,7 @@ async fn fargate_task_is_run_targeted_and_stopped_against_moto_ecs() {
     let task_id = task_arn.rsplit('/').next().unwrap_or_default().to_owned();
 
     // The session targets the task's container: ecs:<cluster>_<task-id>_<runtime-id>.
-    echo_roundtrip(local, 128 * 1024).await;
+    e2e_util::echo_roundtrip(local, 128 * 1024).await;
     let s = status(&d, "fg");
     let target = s["bastion"]["target"].as_str().expect("target").to_owned();
     assert!(

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
 };
-use aws_sdk_ecs::types::{Compatibility, ContainerDefinition, NetworkMode};
 use bastion::aws::ec2::{Ec2Api, Ec2Error, Instance, LaunchSpec, LaunchTemplateRef, XmlElement};
 use bastion::aws::ecs::{EcsApi, TaskSpec};
 use bastion::aws::ssm::{AwsError, SsmApi, StartRequest};
@@ -70,19 +69,6 @@ async fn attribute(ec2: &Ec2Api, id: &str, name: &str) -> String {
         .to_owned()
 }
 
-/// The default VPC's first subnet and its default security group, in moto.
-async fn default_network(ec2: &Ec2Api) -> (String, String) {
-    let subnets = ec2.call("DescribeSubnets", &[]).await.expect("subnets");
-    let groups = ec2
-        .call("DescribeSecurityGroups", &[])
-        .await
-        .expect("security groups");
-    (
-        find_text(&subnets, "subnetId"),
-        find_text(&groups, "groupId"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ec2_launches_terminates_and_finds_bastions_in_moto() {
     let moto = Moto::start().await;
@@ -90,7 +76,7 @@ async fn ec2_launches_terminates_and_finds_bastions_in_moto() {
     let ssm = SsmApi::new(&moto.sdk_config());
     let ami = ssm.get_parameter(AL2023_X86).await.expect("AL2023 AMI");
     assert!(ami.starts_with("ami-"), "{ami}");
-    let (subnet, sg) = default_network(&ec2).await;
+    let (subnet, sg) = moto.default_network().await;
     let bastion_tags = tags(&[("bastion:profile", "prod"), ("bastion:launch-id", "L1")]);
 
     // Tags, user data, shutdown behaviour, subnet and security group, IMDSv2.
@@ -433,30 +419,9 @@ async fn ecs_runs_describes_lists_and_stops_fargate_tasks_in_moto() {
     let moto = Moto::start().await;
     moto.set_ecs_manual_transitions().await;
     let config = moto.sdk_config();
-    let sdk = aws_sdk_ecs::Client::new(&config);
-    sdk.create_cluster()
-        .cluster_name("bastions")
-        .send()
-        .await
-        .expect("CreateCluster");
-    sdk.register_task_definition()
-        .family("bastion")
-        .network_mode(NetworkMode::Awsvpc)
-        .requires_compatibilities(Compatibility::Fargate)
-        .cpu("256")
-        .memory("512")
-        .container_definitions(
-            ContainerDefinition::builder()
-                .name("bastion")
-                .image("public.ecr.aws/amazonlinux/amazonlinux:2023")
-                // moto needs `memory` per container definition.
-                .memory(512)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("RegisterTaskDefinition");
-    let (subnet, sg) = default_network(&moto.ec2()).await;
+    moto.ecs_cluster_and_task_definition("bastions", "bastion")
+        .await;
+    let (subnet, sg) = moto.default_network().await;
     let ecs = EcsApi::new(&config);
     let spec = TaskSpec {
         cluster: "bastions".into(),

@@ -2,87 +2,21 @@
 //! `BASTION_TEST_VENV`, default `target/test-venv`; scripts/test.sh creates it) and
 //! reports an instance Online only once it runs there and the boot delay has passed.
 
+mod e2e_util;
 mod sim_util;
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bastion::sim::clock::parse_iso8601;
 use bastion::sim::{Ec2Targets, SimConfig};
+use e2e_util::moto::Moto;
 use serde_json::json;
 use sim_util::*;
 
 const EC2_AUTH: &str = "AWS4-HMAC-SHA256 Credential=AKIDTEST/20260101/us-east-1/ec2/aws4_request, SignedHeaders=content-type;host;x-amz-date, Signature=0000";
 const BOOT_DELAY: Duration = Duration::from_secs(2);
 
-/// A moto_server child process, killed on drop.
-struct Moto {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn venv() -> PathBuf {
-    match std::env::var_os("BASTION_TEST_VENV") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"),
-    }
-}
-
-async fn start_moto() -> Moto {
-    let bin = venv().join("bin/moto_server");
-    assert!(
-        bin.exists(),
-        "moto_server not found at {}: install it with \
-         `python3 -m venv target/test-venv && target/test-venv/bin/pip install 'moto[server]'` \
-         (scripts/test.sh does this), or point BASTION_TEST_VENV at a venv that has it",
-        bin.display()
-    );
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(&bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    let mut moto = Moto {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = moto.child.try_wait().unwrap() {
-            panic!("moto_server exited before answering: {status}");
-        }
-        if tokio::net::TcpStream::connect(moto.addr).await.is_ok() {
-            let r = ec2(moto.addr, "Action=DescribeRegions&Version=2016-11-15").await;
-            if r.status == 200 {
-                return moto;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not answer on {} within 60 s",
-            moto.addr
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// One EC2 Query API call; the body as text.
 async fn ec2(addr: SocketAddr, form: &str) -> HttpResponse {
     http(
         addr,
@@ -146,9 +80,9 @@ async fn ping_status(addr: SocketAddr, id: &str) -> Option<String> {
 
 #[tokio::test]
 async fn instance_online_only_when_running_after_boot_delay() {
-    let moto = start_moto().await;
+    let moto = Moto::start().await;
     let r = ec2(
-        moto.addr,
+        moto.addr(),
         "Action=RunInstances&Version=2016-11-15&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&InstanceType=t3.micro",
     )
     .await;
@@ -160,7 +94,7 @@ async fn instance_online_only_when_running_after_boot_delay() {
 
     let sim = start(SimConfig {
         ec2: Some(Ec2Targets {
-            endpoint: format!("http://{}", moto.addr),
+            endpoint: format!("http://{}", moto.addr()),
             boot_delay: BOOT_DELAY,
         }),
         ..SimConfig::default()
@@ -201,7 +135,7 @@ async fn instance_online_only_when_running_after_boot_delay() {
 
     // Terminated: not connected; the once-Online instance shows ConnectionLost.
     let r = ec2(
-        moto.addr,
+        moto.addr(),
         &format!("Action=TerminateInstances&Version=2016-11-15&InstanceId.1={id}"),
     )
     .await;
@@ -233,7 +167,7 @@ async fn instance_online_only_when_running_after_boot_delay() {
         Err("TargetNotConnected".to_owned())
     );
     sim.shutdown().await;
-    let dead = TcpListener::bind("127.0.0.1:0")
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();

@@ -359,6 +359,29 @@ pub fn profile(name: &str, remote_port: u16, local_port: u16) -> String {
     )
 }
 
+/// Sends `len` bytes of a pattern to `port` while reading them back (an echo server
+/// behind the tunnel), and checks they come back unchanged within 60 s.
+pub async fn echo_roundtrip(port: u16, len: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = conn.split();
+    let mut back = vec![0u8; data.len()];
+    let send = async { wr.write_all(&data).await.expect("send") };
+    let recv = async {
+        tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut back))
+            .await
+            .expect("echo within 60 s")
+            .expect("read echo");
+    };
+    tokio::join!(send, recv);
+    assert!(back == data, "the echo differs from what was sent");
+}
+
 /// Waits until the daemon listens on `port`.
 pub fn wait_listening(port: u16, d: &DaemonProcess) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -151,6 +151,53 @@ impl Moto {
         .await;
     }
 
+    /// The default VPC's first subnet and a security group of it, as moto preloads them.
+    pub async fn default_network(&self) -> (String, String) {
+        let ec2 = self.ec2();
+        let text = |root: &bastion::aws::ec2::XmlElement, name: &str| {
+            root.find(name)
+                .map(|e| e.text.trim().to_owned())
+                .unwrap_or_else(|| panic!("moto answered no {name}"))
+        };
+        let subnets = ec2
+            .call("DescribeSubnets", &[])
+            .await
+            .expect("DescribeSubnets");
+        let groups = ec2
+            .call("DescribeSecurityGroups", &[])
+            .await
+            .expect("DescribeSecurityGroups");
+        (text(&subnets, "subnetId"), text(&groups, "groupId"))
+    }
+
+    /// An ECS cluster and a Fargate task definition `family` with one container named
+    /// like it (moto needs `memory` on each container definition).
+    pub async fn ecs_cluster_and_task_definition(&self, cluster: &str, family: &str) {
+        use aws_sdk_ecs::types::{Compatibility, ContainerDefinition, NetworkMode};
+        let ecs = aws_sdk_ecs::Client::new(&self.sdk_config());
+        ecs.create_cluster()
+            .cluster_name(cluster)
+            .send()
+            .await
+            .expect("CreateCluster");
+        ecs.register_task_definition()
+            .family(family)
+            .network_mode(NetworkMode::Awsvpc)
+            .requires_compatibilities(Compatibility::Fargate)
+            .cpu("256")
+            .memory("512")
+            .container_definitions(
+                ContainerDefinition::builder()
+                    .name(family)
+                    .image("public.ecr.aws/amazonlinux/amazonlinux:2023")
+                    .memory(512)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("RegisterTaskDefinition");
+    }
+
     /// A Query-protocol call (`Action=…&Version=…` form body) to `service` (`iam`,
     /// `sts`, …): moto routes it by the SigV4 credential scope, which need not be signed.
     /// Returns the status and the XML answer.
