@@ -19,7 +19,6 @@ use bastion::aws::ec2::{Ec2Api, Ec2Error, Filter, XmlElement};
 use bastion::sim::{Ec2Targets, SimConfig, TargetPolicy};
 use e2e_util::moto::Moto;
 use e2e_util::{DaemonProcess, free_port};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn params(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
@@ -195,26 +194,7 @@ async fn target_tags_pick_the_tagged_instance_and_bytes_flow() {
     assert_eq!(code, 0, "{err}; log:\n{}", d.log_text());
 
     // 1 MiB through the tunnel and back.
-    let data: Vec<u8> = (0..1u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local))
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = conn.split();
-    let send = async {
-        wr.write_all(&data).await.unwrap();
-    };
-    let mut back = vec![0u8; data.len()];
-    let recv = async {
-        tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut back))
-            .await
-            .expect("echo within 60 s")
-            .expect("read echo");
-    };
-    tokio::join!(send, recv);
-    assert!(back == data, "the echo differs from what was sent");
-    drop(conn);
+    e2e_util::echo_roundtrip(local, 1 << 20).await;
 
     // The simulator's introspection: one session, on the tagged instance that is online.
     let (code, sessions) = sim_util::get_json(sim.local_addr(), "/sim/sessions").await;
