@@ -19,6 +19,7 @@ use bastion::aws::ec2::{Ec2Api, Ec2Error, Filter, XmlElement};
 use bastion::sim::{Ec2Targets, SimConfig, TargetPolicy};
 use e2e_util::moto::Moto;
 use e2e_util::{DaemonProcess, free_port};
+use tokio::io::AsyncReadExt;
 
 fn params(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
