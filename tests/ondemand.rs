@@ -133,7 +133,9 @@ fn status(d: &DaemonProcess, name: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cold_path_launches_waits_for_online_and_postgres_answers() {
-    let boot = Duration::from_secs(3);
+    // (Online at least 3 s after the launch, given moto's whole-second launchTime: two
+    // polls, 2 s apart, see it booting.)
+    let boot = Duration::from_secs(4);
     let w = world(boot).await;
     let pg = PgServer::start();
     let (warm_port, held_port) = (free_port(), free_port());

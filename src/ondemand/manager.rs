@@ -39,6 +39,11 @@ const POLL_EVERY: Duration = Duration::from_secs(2);
 /// How often the registry and the provider are reconciled while the daemon runs.
 const SWEEP_EVERY: Duration = Duration::from_secs(5 * 60);
 
+/// Without a bastion and without connections, the registry is read this often (a
+/// colleague's launch of a shared bastion is noticed this late; a DynamoDB read each
+/// second per profile would cost for nothing).
+const ABSENT_RECHECK: Duration = Duration::from_secs(15);
+
 /// How often idle checks may call DescribeSessions.
 const SESSIONS_CHECK_EVERY: Duration = Duration::from_secs(10);
 
@@ -88,6 +93,9 @@ struct Mem {
     warning: Option<String>,
     last_error: Option<String>,
     sessions_checked_at: Option<Instant>,
+    /// No record was found then: the registry is not read again for a while unless a
+    /// connection is open (launches go through `ensure_ready`, which reads it anyway).
+    absent_since: Option<Instant>,
     swept_at: Option<Instant>,
 }
 
@@ -151,7 +159,11 @@ impl Bastions {
     }
 
     fn remember(&self, record: Option<Record>) {
-        self.mem().record = record;
+        let mut mem = self.mem();
+        if record.is_some() {
+            mem.absent_since = None;
+        }
+        mem.record = record;
     }
 
     async fn ctx(&self) -> Result<&Ctx, ApiError> {
@@ -671,10 +683,18 @@ impl Bastions {
         if connections > 0 {
             self.mem().last_local_use = Some(Instant::now());
         }
+        let quiet = self
+            .mem()
+            .absent_since
+            .is_some_and(|t| t.elapsed() < ABSENT_RECHECK);
+        if quiet && connections == 0 {
+            return Decision::Keep;
+        }
         let record = match ctx.registry.get(&ctx.key).await {
             Ok(Some(r)) => r,
             Ok(None) => {
                 self.remember(None);
+                self.mem().absent_since = Some(Instant::now());
                 return Decision::Keep;
             }
             Err(e) => {
