@@ -426,13 +426,27 @@ async fn idle_reaping_and_max_lifetime_terminate_the_instance() {
     )
     .await;
     assert_eq!(status(&d, "idle")["bastion"]["phase"], "none");
+    let state = w
+        .moto
+        .ec2()
+        .describe_instances(&[bastion::aws::ec2::Filter::new(
+            "instance-id",
+            [instance.as_str()],
+        )])
+        .await
+        .expect("DescribeInstances");
+    assert!(
+        state
+            .iter()
+            .any(|i| i.id == instance && i.state == "terminated"),
+        "the launched instance {instance} is not the one terminated: {state:?}"
+    );
     assert!(
         d.log_text()
             .contains("idle for 3s (no connection, no Active session)"),
         "{}",
         d.log_text()
     );
-    let _ = instance;
 
     // Max lifetime: a connection stays open; a warning comes first, then the instance
     // is terminated anyway and the connection is closed.
@@ -535,9 +549,6 @@ async fn assert_owned(moto: &Moto, state: &Path, profile: &str, context: &str) {
         })
         .unwrap_or_default();
     for i in live_instances(moto, profile).await {
-        if i.state == "shutting-down" || i.state == "terminated" {
-            continue;
-        }
         assert!(
             owned.contains(&i.tags["bastion:launch-id"]),
             "{context}: instance {} ({}) runs without a registry record; registry: {reg}",

@@ -94,14 +94,20 @@ impl Daemon {
     /// before it could end them), each through its profile's AWS settings.
     pub async fn end_leftover_sessions(&self) {
         let Some(host) = &self.host else { return };
-        let leftovers = host.take_leftover_sessions();
+        let leftovers = host.leftover_sessions();
         let profiles = self.profiles().clone();
         for (session_id, profile) in leftovers {
-            match profiles.get(&profile).or_else(|| profiles.values().next()) {
-                Some(p) => p.end_leftover_session(&session_id).await,
+            match profiles.get(&profile) {
+                Some(p) => {
+                    if p.end_leftover_session(&session_id).await {
+                        host.drop_session(&session_id);
+                    }
+                }
                 None => tracing::warn!(
                     session_id,
-                    "a previous run left a session open; no profile to end it with"
+                    profile,
+                    "a previous run left a session open for a profile that no longer exists; \
+                     it ends at the service's idle timeout"
                 ),
             }
         }
@@ -218,6 +224,17 @@ impl Daemon {
             if !next.contains_key(name) {
                 rt.close().await;
                 result.removed.push(name.clone());
+            }
+        }
+        // A bastion whose profile is gone, or now keyed differently (another registry,
+        // shared or not, other AWS settings), would have nobody to reap it: end it.
+        for (name, rt) in &old {
+            let carried = next.get(name).is_some_and(|n| Arc::ptr_eq(n, rt));
+            let same_scope = next
+                .get(name)
+                .is_some_and(|n| crate::ondemand::manager::same_scope(rt.profile(), n.profile()));
+            if !carried && !same_scope {
+                rt.end_bastion("its profile was removed or re-scoped by a reload");
             }
         }
         *self.profiles() = next;

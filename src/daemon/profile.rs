@@ -746,10 +746,19 @@ impl ProfileRuntime {
                         .map(|l| l.tunnel.session_id().to_owned())
                         .collect();
                     let open = me.connections.load(Ordering::Relaxed);
-                    if let Decision::Terminate(reason) = bastion.tick(open, &own).await {
-                        warn!(reason = %reason, "ending the bastion");
-                        me.end_all_sessions(&reason).await;
-                        if let Err(e) = bastion.terminate_now(&reason).await {
+                    let last_connection = me.lock().last_activity;
+                    let decision = bastion.tick(open, &own, last_connection).await;
+                    if let Decision::Terminate { reason, version } = decision {
+                        let ended = match bastion.claim_termination(&reason, version).await {
+                            Ok(Some(record)) => {
+                                warn!(reason = %reason, "ending the bastion");
+                                me.end_all_sessions(&reason).await;
+                                bastion.finish_termination(record).await
+                            }
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = ended {
                             warn!(error = %e.message, "cannot end the bastion");
                             me.lock().last_error = Some(e.message);
                         }
@@ -935,16 +944,32 @@ impl ProfileRuntime {
         }
     }
 
-    /// Terminates a session a previous run of the daemon left open (it was killed).
-    pub async fn end_leftover_session(&self, session_id: &str) {
+    /// Terminates a session a previous run of the daemon left open (it was killed);
+    /// true when it is gone.
+    pub async fn end_leftover_session(&self, session_id: &str) -> bool {
         let api = (self.api)(&self.profile).await;
         match api.terminate_session(session_id).await {
             Ok(()) => {
-                info!(profile = %self.profile.name, session_id, "ended a session left open by a previous run")
+                info!(profile = %self.profile.name, session_id, "ended a session left open by a previous run");
+                true
             }
+            Err(AwsError::DoesNotExist(_)) => true,
             Err(e) => {
-                warn!(profile = %self.profile.name, session_id, error = %e, "cannot end a session left by a previous run")
+                warn!(profile = %self.profile.name, session_id, error = %e, "cannot end a session left by a previous run");
+                false
             }
+        }
+    }
+
+    /// Ends the on-demand bastion in the background (its profile is going away).
+    pub fn end_bastion(&self, reason: &'static str) {
+        if let Some(b) = self.bastion.clone() {
+            let name = self.profile.name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = b.end_now(reason).await {
+                    warn!(profile = %name, error = %e.message, "cannot end the bastion");
+                }
+            });
         }
     }
 

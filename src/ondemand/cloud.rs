@@ -104,7 +104,10 @@ pub enum ResourceState {
     Pending,
     /// Running; the Session Manager target once it is known.
     Running(Option<String>),
-    /// Stopping, stopped, terminated or unknown.
+    /// An EC2 instance stopping or stopped: unusable, but still costing (its volumes)
+    /// until terminated.
+    Stopped,
+    /// Terminated (or shutting down), or unknown.
     Gone,
 }
 
@@ -321,6 +324,7 @@ fn ec2_resource(i: crate::aws::ec2::Instance) -> Resource {
     let state = match i.state.as_str() {
         "pending" => ResourceState::Pending,
         "running" => ResourceState::Running(Some(i.id.clone())),
+        "stopping" | "stopped" => ResourceState::Stopped,
         _ => ResourceState::Gone,
     };
     Resource {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_types::SdkConfig;
 use tokio::sync::{Mutex as AsyncMutex, OnceCell, broadcast};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Host;
 use super::cloud::{Cloud, CloudError, Resource, ResourceState, TAG_LAUNCH_ID};
@@ -44,6 +44,17 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5 * 60);
 /// second per profile would cost for nothing).
 const ABSENT_RECHECK: Duration = Duration::from_secs(15);
 
+/// How often a daemon without AWS access yet retries its first reconciliation.
+const CTX_RETRY: Duration = Duration::from_secs(30);
+
+/// How long after a launch record an instance may still be invisible to DescribeInstances
+/// (EC2 is eventually consistent just after RunInstances).
+const LAUNCH_VISIBILITY: Duration = Duration::from_secs(15);
+
+/// Resources past their `bastion:expires` by this much are ended by any daemon that sees
+/// them, whoever owns them.
+const EXPIRED_GRACE: Duration = Duration::from_secs(10 * 60);
+
 /// How often idle checks may call DescribeSessions.
 const SESSIONS_CHECK_EVERY: Duration = Duration::from_secs(10);
 
@@ -52,8 +63,14 @@ const SESSIONS_CHECK_EVERY: Duration = Duration::from_secs(10);
 pub enum Decision {
     /// Nothing.
     Keep,
-    /// End the profile's sessions and call [`Bastions::terminate_now`] with this reason.
-    Terminate(String),
+    /// End the profile's sessions and call [`Bastions::terminate_now`] with this reason
+    /// and record version (which it refuses to act on if the record changed since).
+    Terminate {
+        /// Why (for logs and events).
+        reason: String,
+        /// The record version the decision was based on.
+        version: u64,
+    },
 }
 
 fn now_ms() -> u64 {
@@ -96,6 +113,8 @@ struct Mem {
     /// No record was found then: the registry is not read again for a while unless a
     /// connection is open (launches go through `ensure_ready`, which reads it anyway).
     absent_since: Option<Instant>,
+    /// The profile's last connection start/end seen by the previous tick.
+    seen_activity: Option<Instant>,
     swept_at: Option<Instant>,
 }
 
@@ -206,9 +225,10 @@ impl Bastions {
                 Registry::Dynamo(DynamoRegistry::new(config, table))
             }
         };
+        let owner = stable_owner(&identity.arn);
         Ok(Ctx {
-            key: record_key(&self.profile, &identity.arn, self.cfg.shared),
-            owner: identity.arn,
+            key: record_key(&self.profile, &owner, self.cfg.shared),
+            owner,
             ssm: SsmApi::new(config),
             region: config.region().map(|r| r.to_string()).unwrap_or_default(),
             cloud,
@@ -370,18 +390,28 @@ impl Bastions {
                     self.forget(ctx, &record, "gone").await?;
                     return Ok(None);
                 }
+                Ok(ResourceState::Stopped) => {
+                    warn!(resource = %resource, "the bastion was stopped; terminating it");
+                    self.terminate_record(ctx, record, "stopped").await?;
+                    return Ok(None);
+                }
                 Ok(_) => self.mem().verified_at = Some(Instant::now()),
                 Err(e) => warn!(error = %e, "cannot check the bastion; using it anyway"),
             }
         }
         let mut record = record;
-        if record.phase == Phase::Idle {
+        let fresh = now_ms() < record.last_used_ms + ms(self.touch_every());
+        if record.phase == Phase::Idle || !fresh {
+            // A new use: recorded before the target is handed out, so that an idle
+            // decision taken meanwhile (here or by another daemon) sees the new version.
             let mut next = record.clone();
             next.phase = Phase::Ready;
             next.last_used_ms = now_ms();
             next.version += 1;
-            if ctx.registry.put(&next, Some(record.version)).await.is_ok() {
-                record = next;
+            match ctx.registry.put(&next, Some(record.version)).await {
+                Ok(()) => record = next,
+                Err(RegistryError::Conflict(_)) => return Ok(None),
+                Err(e) => return Err(registry_error(e)),
             }
         }
         let target = record.target.clone().or(record.resource.clone());
@@ -495,9 +525,14 @@ impl Bastions {
                 Ok(())
             }
             Err(e) => {
+                let ambiguous = e.retryable;
                 let err = self.cloud_error("cannot launch a bastion", e);
                 warn!(error = %err.message, "launch failed");
-                if let Err(d) = ctx.registry.delete(&record.key, record.version).await {
+                if ambiguous {
+                    // A timeout or server error: EC2/ECS may have launched it anyway. The
+                    // `launching` record stays; recovery adopts what appears, or forgets
+                    // the launch once it cannot be invisible any more.
+                } else if let Err(d) = ctx.registry.delete(&record.key, record.version).await {
                     warn!(error = %d, "cannot remove the failed launch from the registry");
                 }
                 self.emit("failed", Some(&record), Some(err.message.clone()));
@@ -530,15 +565,19 @@ impl Bastions {
                 Err(e) => Err(registry_error(e)),
             }
         } else {
-            if ctx.cloud.state(&resource).await.ok() == Some(ResourceState::Gone) {
-                self.forget(ctx, &record, "gone").await?;
-                return Err(api_error(
-                    "bastion_gone",
-                    format!(
-                        "bastion {resource} of profile {} stopped while it was booting",
-                        self.profile
-                    ),
-                ));
+            match ctx.cloud.state(&resource).await {
+                Ok(ResourceState::Gone) => {
+                    // Terminated while booting (by its own shutdown, a colleague, the
+                    // console): forget it; the caller's loop launches another.
+                    warn!(resource = %resource, "the bastion stopped while booting");
+                    return self.forget(ctx, &record, "gone").await;
+                }
+                Ok(ResourceState::Stopped) => {
+                    return self
+                        .terminate_record(ctx, record, "stopped while booting")
+                        .await;
+                }
+                _ => {}
             }
             if self.is_mine(&record) && record.lease_until_ms < now_ms() + ms(LEASE) / 2 {
                 let mut next = record.clone();
@@ -575,6 +614,11 @@ impl Bastions {
                     Err(e) => Err(registry_error(e)),
                 }
             }
+            None if now_ms() < record.created_ms + ms(LAUNCH_VISIBILITY) => {
+                // Just launched: DescribeInstances may not show it yet.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(())
+            }
             None => {
                 info!(launch_id = %record.launch_id, "an interrupted launch left nothing; forgetting it");
                 match ctx.registry.delete(&record.key, record.version).await {
@@ -604,6 +648,19 @@ impl Bastions {
         record: Record,
         reason: &str,
     ) -> Result<(), ApiError> {
+        match self.mark_terminating(ctx, record, reason).await? {
+            Some(next) => self.finish_terminate(ctx, next).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `terminating` (taking the lease); `None` when someone else wrote first.
+    async fn mark_terminating(
+        &self,
+        ctx: &Ctx,
+        record: Record,
+        reason: &str,
+    ) -> Result<Option<Record>, ApiError> {
         let mut next = record.clone();
         next.version += 1;
         next.phase = Phase::Terminating;
@@ -611,12 +668,12 @@ impl Bastions {
         next.lease_until_ms = now_ms() + ms(LEASE);
         match ctx.registry.put(&next, Some(record.version)).await {
             Ok(()) => {}
-            Err(RegistryError::Conflict(_)) => return Ok(()),
+            Err(RegistryError::Conflict(_)) => return Ok(None),
             Err(e) => return Err(registry_error(e)),
         }
         info!(resource = ?next.resource, reason, "terminating the bastion");
         self.emit("terminating", Some(&next), Some(reason.to_owned()));
-        self.finish_terminate(ctx, next).await
+        Ok(Some(next))
     }
 
     /// `terminating`: terminate (idempotent), then delete the record.
@@ -643,31 +700,71 @@ impl Bastions {
         self.forget(ctx, &record, "terminated").await
     }
 
-    /// Ends the bastion now (after [`Decision::Terminate`]; the profile has ended its
-    /// sessions).
-    pub async fn terminate_now(&self, reason: &str) -> Result<(), ApiError> {
+    /// First half of ending the bastion after [`Decision::Terminate`]: records
+    /// `terminating`, unless the record changed since the decision (`expect`: someone used
+    /// it again, or another bastion replaced it). The profile then ends its sessions and
+    /// calls [`Bastions::finish_termination`] with the returned record.
+    pub async fn claim_termination(
+        &self,
+        reason: &str,
+        expect: u64,
+    ) -> Result<Option<Record>, ApiError> {
         let ctx = self.ctx().await?;
         let _guard = self.ensure.lock().await;
         let Some(record) = ctx.registry.get(&ctx.key).await.map_err(registry_error)? else {
-            return Ok(());
+            return Ok(None);
         };
-        match record.phase {
-            Phase::Ready | Phase::Idle | Phase::WaitingOnline => {
-                self.terminate_record(ctx, record, reason).await
-            }
-            Phase::Terminating if self.may_take_over(&record) => {
-                self.finish_terminate(ctx, record).await
-            }
-            _ => Ok(()),
+        let endable = matches!(
+            record.phase,
+            Phase::Ready | Phase::Idle | Phase::WaitingOnline
+        );
+        if record.version != expect || !endable {
+            info!(profile = %self.profile, reason, "the bastion changed before it could be ended; keeping it");
+            return Ok(None);
         }
+        self.mark_terminating(ctx, record, reason).await
+    }
+
+    /// Ends whatever bastion is recorded now (its profile is going away).
+    pub async fn end_now(&self, reason: &str) -> Result<(), ApiError> {
+        let ctx = self.ctx().await?;
+        let version = match ctx.registry.get(&ctx.key).await.map_err(registry_error)? {
+            Some(r) => r.version,
+            None => return Ok(()),
+        };
+        match self.claim_termination(reason, version).await? {
+            Some(record) => self.finish_termination(record).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Second half: terminates (idempotent) and deletes the record.
+    pub async fn finish_termination(&self, record: Record) -> Result<(), ApiError> {
+        let ctx = self.ctx().await?;
+        let _guard = self.ensure.lock().await;
+        self.finish_terminate(ctx, record).await
     }
 
     /// Called about every second by the profile: keeps the record's use time fresh, warns
     /// before the max lifetime, decides idle and lifetime termination, and sweeps the
     /// registry now and then. `connections` are the profile's open connections;
     /// `own_sessions` its live session ids (not counted as someone else's use).
-    pub async fn tick(&self, connections: usize, own_sessions: &[String]) -> Decision {
+    pub async fn tick(
+        &self,
+        connections: usize,
+        own_sessions: &[String],
+        last_connection: Instant,
+    ) -> Decision {
         let Some(ctx) = self.ctx.get() else {
+            // The first reconciliation failed (no network or credentials yet): retry, so
+            // that a bastion left by a previous run is still reaped.
+            let due = self.mem().swept_at.is_none_or(|t| t.elapsed() >= CTX_RETRY);
+            if due {
+                self.mem().swept_at = Some(Instant::now());
+                if let Err(e) = self.reconcile().await {
+                    debug!(profile = %self.profile, error = %e.message, "bastion reconciliation still failing");
+                }
+            }
             return Decision::Keep;
         };
         let sweep_due = self
@@ -680,8 +777,15 @@ impl Bastions {
                 warn!(profile = %self.profile, error = %e.message, "bastion reconciliation failed");
             }
         }
-        if connections > 0 {
-            self.mem().last_local_use = Some(Instant::now());
+        {
+            // A connection open now, or one that came and went since the last tick (a
+            // `psql -c` of 300 ms), is use.
+            let mut mem = self.mem();
+            let new_activity = mem.seen_activity.is_some_and(|t| last_connection > t);
+            mem.seen_activity = Some(last_connection);
+            if connections > 0 || (new_activity && mem.record.is_some()) {
+                mem.last_local_use = Some(Instant::now());
+            }
         }
         let quiet = self
             .mem()
@@ -709,10 +813,10 @@ impl Bastions {
         }
         let now = now_ms();
         if now >= record.expires_ms {
-            return Decision::Terminate(format!(
-                "max lifetime ({}) reached",
-                humanize(self.cfg.max_lifetime)
-            ));
+            return Decision::Terminate {
+                reason: format!("max lifetime ({}) reached", humanize(self.cfg.max_lifetime)),
+                version: record.version,
+            };
         }
         if now + ms(self.cfg.lifetime_warning) >= record.expires_ms {
             let first = self.mem().warned_launch.as_deref() != Some(record.launch_id.as_str());
@@ -771,17 +875,25 @@ impl Bastions {
                     .filter(|s| !own_sessions.contains(s))
                     .collect();
                 if others.is_empty() {
-                    Decision::Terminate(format!(
-                        "idle for {} (no connection, no Active session)",
-                        humanize(self.cfg.idle_timeout)
-                    ))
+                    Decision::Terminate {
+                        reason: format!(
+                            "idle for {} (no connection, no Active session)",
+                            humanize(self.cfg.idle_timeout)
+                        ),
+                        version: record.version,
+                    }
                 } else {
                     info!(profile = %self.profile, sessions = others.len(), "bastion idle here but used by other sessions; keeping it");
                     Decision::Keep
                 }
             }
             Err(e) => {
-                warn!(profile = %self.profile, error = %e, "cannot list the bastion's sessions; keeping it");
+                let message = format!(
+                    "cannot tell whether the bastion is in use (ssm:DescribeSessions: {e}); \
+                     keeping it until max lifetime"
+                );
+                warn!(profile = %self.profile, "{message}");
+                self.mem().last_error = Some(message);
                 Decision::Keep
             }
         }
@@ -797,7 +909,8 @@ impl Bastions {
         };
         let result = match record.phase {
             Phase::WaitingOnline
-                if now_ms() >= record.created_ms + ms(self.cfg.ready_timeout) + ms(LEASE) =>
+                if self.may_take_over(&record)
+                    && now_ms() >= record.created_ms + ms(self.cfg.ready_timeout) + ms(LEASE) =>
             {
                 self.terminate_record(ctx, record, "never came online with Session Manager")
                     .await
@@ -816,9 +929,14 @@ impl Bastions {
         }
     }
 
+    /// How often use is written to the record while connections use the bastion.
+    fn touch_every(&self) -> Duration {
+        (self.cfg.idle_timeout / 3).min(Duration::from_secs(30))
+    }
+
     /// Refreshes `last_used` (and `ready`) while connections use the bastion.
     async fn touch(&self, ctx: &Ctx, record: Record) {
-        let every = (self.cfg.idle_timeout / 3).min(Duration::from_secs(30));
+        let every = self.touch_every();
         let due = self.mem().touched_at.is_none_or(|t| t.elapsed() >= every);
         if !due && record.phase == Phase::Ready {
             return;
@@ -867,6 +985,8 @@ impl Bastions {
                     if state == ResourceState::Gone {
                         info!(resource = %resource, "the registry's bastion is gone; forgetting it");
                         self.forget(ctx, &record, "gone").await?;
+                    } else if state == ResourceState::Stopped {
+                        self.terminate_record(ctx, record, "stopped").await?;
                     } else if now_ms() >= record.expires_ms {
                         self.terminate_record(ctx, record, "max lifetime reached")
                             .await?;
@@ -909,6 +1029,16 @@ impl Bastions {
             } else if used {
                 warn!(resource = %r.id, "a second bastion of this profile is in use; leaving it until its sessions end");
             } else {
+                // Another daemon may have adopted it since the record was read.
+                let now_owned = ctx
+                    .registry
+                    .get(&ctx.key)
+                    .await
+                    .map_err(registry_error)?
+                    .is_some_and(|rec| Some(&rec.launch_id) == r.tags.get(TAG_LAUNCH_ID));
+                if now_owned {
+                    continue;
+                }
                 info!(resource = %r.id, "terminating a bastion that no registry record owns");
                 if let Err(e) = ctx.cloud.terminate(&r.id, "bastion: orphan").await {
                     warn!(resource = %r.id, error = %e, "cannot terminate an orphaned bastion");
@@ -922,8 +1052,61 @@ impl Bastions {
                 }
             }
         }
+        self.end_long_expired(ctx).await;
         self.mem().swept_at = Some(Instant::now());
         Ok(())
+    }
+
+    /// A backstop for every bastion of this profile, whoever launched it and whichever
+    /// registry tracks it: past its `bastion:expires` tag by [`EXPIRED_GRACE`], it is
+    /// ended (max lifetime applies even in use; an EC2 instance normally shut itself down
+    /// long before, a Fargate task cannot).
+    async fn end_long_expired(&self, ctx: &Ctx) {
+        let tags = BTreeMap::from([
+            ("bastion:managed-by".to_owned(), "bastion".to_owned()),
+            ("bastion:profile".to_owned(), self.profile.clone()),
+        ]);
+        let found = match ctx.cloud.find(&tags).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(profile = %self.profile, error = %e, "cannot list this profile's bastions");
+                return;
+            }
+        };
+        let limit = now_ms().saturating_sub(ms(EXPIRED_GRACE));
+        for r in found {
+            let expired = r
+                .tags
+                .get("bastion:expires")
+                .and_then(|t| {
+                    aws_smithy_types::DateTime::from_str(
+                        t,
+                        aws_smithy_types::date_time::Format::DateTime,
+                    )
+                    .ok()
+                })
+                .and_then(|t| u64::try_from(t.to_millis().ok()?).ok())
+                .is_some_and(|t| t < limit);
+            if !expired {
+                continue;
+            }
+            info!(resource = %r.id, "ending a bastion long past its max lifetime");
+            match ctx
+                .cloud
+                .terminate(&r.id, "bastion: max lifetime long passed")
+                .await
+            {
+                Ok(()) => {
+                    let _ = self.events.send(Progress {
+                        phase: "expired_terminated".into(),
+                        elapsed_secs: 0.0,
+                        detail: Some(r.id.clone()),
+                        resource: Some(r.id.clone()),
+                    });
+                }
+                Err(e) => warn!(resource = %r.id, error = %e, "cannot end an expired bastion"),
+            }
+        }
     }
 
     /// What `status` shows.
@@ -956,6 +1139,51 @@ impl Bastions {
     }
 }
 
+/// Whether two versions of a profile manage the same bastion (same registry record key
+/// and tags): the same `bastion` scope settings and AWS settings.
+pub fn same_scope(a: &crate::config::Profile, b: &crate::config::Profile) -> bool {
+    match (&a.bastion, &b.bastion) {
+        (Some(x), Some(y)) => {
+            x.registry == y.registry
+                && x.shared == y.shared
+                && std::mem::discriminant(&x.provider) == std::mem::discriminant(&y.provider)
+                && a.aws_profile == b.aws_profile
+                && a.region == b.region
+        }
+        _ => false,
+    }
+}
+
+/// The owner part of a registry key: the caller's ARN, without the session name of a
+/// role session the SDK named itself (`assume-role-from-profile-<ms>`,
+/// `web-identity-token-<ms>`, `botocore-session-<s>`), which changes at every start. A
+/// session named by a person (an SSO user name, a `role_session_name`) stays.
+pub fn stable_owner(arn: &str) -> String {
+    let Some((head, session)) = arn
+        .contains(":assumed-role/")
+        .then(|| arn.rsplit_once('/'))
+        .flatten()
+    else {
+        return arn.to_owned();
+    };
+    let generated = [
+        "assume-role-from-profile-",
+        "web-identity-token-",
+        "botocore-session-",
+    ]
+    .iter()
+    .any(|p| {
+        session
+            .strip_prefix(p)
+            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()))
+    });
+    if generated {
+        head.to_owned()
+    } else {
+        arn.to_owned()
+    }
+}
+
 /// `90s`, `5m`, `8h`, `1h30m`.
 pub fn humanize(d: Duration) -> String {
     let s = d.as_secs();
@@ -965,5 +1193,35 @@ pub fn humanize(d: Duration) -> String {
         (0, m, s) => format!("{m}m{s}s"),
         (h, 0, 0) => format!("{h}h"),
         (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_stable_across_generated_role_sessions() {
+        let generated =
+            "arn:aws:sts::123456789012:assumed-role/dba/assume-role-from-profile-1795424270695";
+        assert_eq!(
+            stable_owner(generated),
+            "arn:aws:sts::123456789012:assumed-role/dba"
+        );
+        assert_eq!(
+            stable_owner("arn:aws:sts::1:assumed-role/ci/web-identity-token-17954"),
+            "arn:aws:sts::1:assumed-role/ci"
+        );
+        for kept in [
+            "arn:aws:sts::1:assumed-role/AWSReservedSSO_Admin_0a1b/alice@example.com",
+            "arn:aws:sts::1:assumed-role/dba/assume-role-from-profile-x",
+            "arn:aws:iam::1:user/bob",
+            "arn:aws:sts::1:assumed-role/dba/botocore-session-",
+        ] {
+            assert_eq!(stable_owner(kept), kept);
+        }
+        assert_eq!(humanize(Duration::from_secs(90)), "1m30s");
+        assert_eq!(humanize(Duration::from_secs(8 * 3600)), "8h");
+        assert_eq!(humanize(Duration::from_secs(5400)), "1h30m");
     }
 }

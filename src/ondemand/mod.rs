@@ -41,6 +41,11 @@ impl Host {
             .recursive(true)
             .mode(0o700)
             .create(state_dir)?;
+        // Also when it existed with a wider mode (a unit's StateDirectory= default).
+        std::fs::set_permissions(
+            state_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -125,9 +130,10 @@ impl Host {
         });
     }
 
-    /// The sessions a previous run left open (session id → profile), forgotten here.
-    pub fn take_leftover_sessions(&self) -> BTreeMap<String, String> {
-        self.edit_ledger(BTreeMap::clear)
+    /// The sessions a previous run left open (session id → profile). Each stays listed
+    /// until [`Host::drop_session`] (after TerminateSession succeeded).
+    pub fn leftover_sessions(&self) -> BTreeMap<String, String> {
+        self.edit_ledger(|_| {})
     }
 }
 
