@@ -826,3 +826,56 @@ async fn launch_failures_and_a_bastion_that_never_comes_online_are_named() {
         "a failed launch left a record: {reg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_colleague_using_a_shared_bastion_keeps_it_alive() {
+    let w = world(Duration::from_secs(1)).await;
+    create_registry_table(&w.moto, "bastion-registry").await;
+    let echo = sim_util::echo_server().await;
+    let extra = "shared = true\nregistry = \"dynamodb:bastion-registry\"\nidle_timeout = \"4s\"";
+    let (pa, pb) = (free_port(), free_port());
+    let (sa, sb) = (state_dir("keep-a"), state_dir("keep-b"));
+    let a = daemon(
+        &w,
+        &ec2_profile("team", echo, pa, extra),
+        &sa,
+        &w.moto.url(),
+    );
+    let b = daemon(
+        &w,
+        &ec2_profile("team", echo, pb, extra),
+        &sb,
+        &w.moto.url(),
+    );
+    let (code, _, err) = a.ctl(&["open", "team", "--warm"]);
+    assert_eq!(code, 0, "{err}");
+    e2e_util::echo_roundtrip(pa, 4096).await;
+    let instance = live_instances(&w.moto, "team").await[0].id.clone();
+
+    // A is idle from now on; B keeps a connection busy for three idle timeouts.
+    let (code, _, err) = b.ctl(&["open", "team", "--warm"]);
+    assert_eq!(code, 0, "{err}");
+    let mut conn = TcpStream::connect(("127.0.0.1", pb))
+        .await
+        .expect("connect");
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        conn.write_all(b"ping").await.expect("write");
+        let mut four = [0u8; 4];
+        conn.read_exact(&mut four).await.expect("echo");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let alive = live_instances(&w.moto, "team").await;
+    assert!(
+        alive.iter().any(|i| i.id == instance),
+        "reaped while a colleague used it; A's log:\n{}",
+        a.log_text()
+    );
+    drop(conn);
+    wait_for(
+        "the shared bastion to be reaped once unused",
+        Duration::from_secs(40),
+        || async { live_instances(&w.moto, "team").await.is_empty() },
+    )
+    .await;
+}

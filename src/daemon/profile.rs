@@ -883,6 +883,16 @@ impl ProfileRuntime {
     /// Ends pool sessions that had no connection for `idle_timeout`, and forgets
     /// sessions that ended on their own.
     async fn reap_if_idle(&self) {
+        // An on-demand bastion is ended only once no session uses it, anywhere: a pool
+        // session that serves nobody here must not keep it (or a colleague's) alive
+        // longer than the bastion's own idle timeout.
+        let limit = self
+            .profile
+            .bastion
+            .as_ref()
+            .map_or(self.profile.idle_timeout, |b| {
+                b.idle_timeout.min(self.profile.idle_timeout)
+            });
         let idle: Vec<Arc<Tunnel>> = {
             let mut inner = self.lock();
             self.prune_ended(&mut inner);
@@ -890,8 +900,7 @@ impl ProfileRuntime {
                 .live
                 .iter()
                 .filter(|l| {
-                    l.streams.load(Ordering::Relaxed) == 0
-                        && l.last_activity.elapsed() >= self.profile.idle_timeout
+                    l.streams.load(Ordering::Relaxed) == 0 && l.last_activity.elapsed() >= limit
                 })
                 .map(|l| l.tunnel.clone())
                 .collect()
