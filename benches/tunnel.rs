@@ -23,6 +23,9 @@
 //! * pgbench select-only, 8 clients, `BENCH_PGBENCH_SECS` (default 30; 0 skips it),
 //!   through the tunnel (default `max_sessions`) and direct: tps and average latency.
 //!
+//! `BENCH_ONLY=transfer` runs just the unpaced upload and download (for profiling;
+//! `BASTIOND_WRAPPER` runs the daemon under a tool such as callgrind).
+//!
 //! Under `cargo test` it runs a small smoke pass (every transfer's SHA-256 checked, no
 //! timing asserted, pgbench skipped unless `BENCH_PGBENCH_SECS` is set) so the harness
 //! itself stays tested.
@@ -203,6 +206,27 @@ async fn measure_tunnel(s: &mut Samples, m: &Measured, servers: Servers, plan: &
     s.add(key, "peak_rss_mib", usage(pid).hwm_kib as f64 / 1024.0);
 }
 
+/// `BENCH_ONLY=transfer`: one upload and one download through the unpaced tunnel, for
+/// profiling the daemon (`BASTIOND_WRAPPER="valgrind --tool=callgrind"`, or perf on
+/// the printed pid).
+async fn transfer_only(m: &Measured, data: &[u8], down: usize) {
+    let t = &m.tunnel;
+    let pid = t.daemon.child.id();
+    eprintln!("daemon pid {pid}; transfers start in 2 s");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = usage(pid);
+    let up = upload(t.sink, data).await;
+    let mid = usage(pid);
+    let (down_mbps, _) = download(t.source, down).await;
+    let after = usage(pid);
+    let gib = |n: usize| n as f64 / (1u64 << 30) as f64;
+    println!(
+        "upload {up:.1} MB/s, {:.2} CPU s/GiB; download {down_mbps:.1} MB/s, {:.2} CPU s/GiB",
+        (mid.cpu - before.cpu) / gib(data.len()),
+        (after.cpu - mid.cpu) / gib(down)
+    );
+}
+
 /// Lets the daemon and this process hold thousands of sockets.
 fn raise_nofile() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
@@ -329,6 +353,9 @@ async fn main() {
         });
     }
     let data = pattern(plan.up);
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "transfer") {
+        return transfer_only(&measured[0], &data, plan.down).await;
+    }
     let mut s = Samples::default();
     for run in 1..=plan.runs {
         eprintln!("run {run}/{}: direct", plan.runs);
