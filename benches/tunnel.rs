@@ -185,6 +185,7 @@ async fn measure_tunnel(s: &mut Samples, m: &Measured, servers: Servers, plan: &
     let gib = (data.len() + down) as f64 / (1u64 << 30) as f64;
     s.add(key, "cpu_s_per_gib", (after.cpu - before.cpu) / gib);
     s.add(key, "rss_mib", after.rss_kib as f64 / 1024.0);
+    s.add(key, "anon_mib", after.anon_kib as f64 / 1024.0);
     let agg = if m.paced { plan.paced_agg } else { plan.agg };
     for (stripes, port) in t.striped {
         s.add(
@@ -212,18 +213,39 @@ async fn measure_tunnel(s: &mut Samples, m: &Measured, servers: Servers, plan: &
 async fn transfer_only(m: &Measured, data: &[u8], down: usize) {
     let t = &m.tunnel;
     let pid = t.daemon.child.id();
-    eprintln!("daemon pid {pid}; transfers start in 2 s");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The pauses let a profiler mark the phases (`callgrind_control -z`/`-d` on the pid).
+    let pause = Duration::from_secs(2);
+    eprintln!("daemon pid {pid}; upload starts in 2 s");
+    tokio::time::sleep(pause).await;
     let before = usage(pid);
     let up = upload(t.sink, data).await;
     let mid = usage(pid);
+    eprintln!("upload done; download starts in 2 s");
+    tokio::time::sleep(pause).await;
+    let mid2 = usage(pid);
     let (down_mbps, _) = download(t.source, down).await;
     let after = usage(pid);
+    eprintln!("download done");
+    tokio::time::sleep(pause).await;
+    let mut c = bastion::sim::report::Counters::default();
+    for snap in m.sim.sessions() {
+        c.data_messages_from_client += snap.counters.data_messages_from_client;
+        c.duplicates_from_client += snap.counters.duplicates_from_client;
+        c.data_messages_to_client += snap.counters.data_messages_to_client;
+        c.retransmissions += snap.counters.retransmissions;
+    }
+    println!(
+        "sim: {} data messages from the client ({} duplicates), {} to it ({} resent)",
+        c.data_messages_from_client,
+        c.duplicates_from_client,
+        c.data_messages_to_client,
+        c.retransmissions
+    );
     let gib = |n: usize| n as f64 / (1u64 << 30) as f64;
     println!(
         "upload {up:.1} MB/s, {:.2} CPU s/GiB; download {down_mbps:.1} MB/s, {:.2} CPU s/GiB",
         (mid.cpu - before.cpu) / gib(data.len()),
-        (after.cpu - mid.cpu) / gib(down)
+        (after.cpu - mid2.cpu) / gib(down)
     );
 }
 
@@ -375,12 +397,15 @@ async fn main() {
         .await;
         s.add("idle", "conns", idle.conns as f64);
         s.add("idle", "sessions", idle.sessions as f64);
-        s.add("idle", "base_rss_mib", idle.base_kib as f64 / 1024.0);
-        s.add("idle", "rss_mib", idle.loaded_kib as f64 / 1024.0);
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        s.add("idle", "base_rss_mib", mib(idle.base.0));
+        s.add("idle", "rss_mib", mib(idle.loaded.0));
+        s.add("idle", "base_anon_mib", mib(idle.base.1));
+        s.add("idle", "anon_mib", mib(idle.loaded.1));
         s.add(
             "idle",
             "kib_per_conn",
-            idle.loaded_kib.saturating_sub(idle.base_kib) as f64 / idle.conns as f64,
+            idle.loaded.0.saturating_sub(idle.base.0) as f64 / idle.conns as f64,
         );
     }
     for m in &measured {
@@ -401,12 +426,15 @@ async fn main() {
     let idle = |k| s.median("idle", k).unwrap_or(0.0);
     println!(
         "\nidle: {:.0} connections on {} profiles ({:.0} sessions, pacing on): daemon RSS {:.1} MiB \
-         ({:.1} MiB before the connections), {:.1} KiB per connection (plugin: 13 MiB per tunnel process)",
+         ({:.1} MiB anonymous), {:.1} MiB ({:.1} anonymous) before the connections; \
+         {:.1} KiB per connection (plugin: 13 MB RSS per tunnel process)",
         idle("conns"),
         plan.idle_profiles,
         idle("sessions"),
         idle("rss_mib"),
+        idle("anon_mib"),
         idle("base_rss_mib"),
+        idle("base_anon_mib"),
         idle("kib_per_conn"),
     );
     let meta = serde_json::json!({

@@ -49,6 +49,8 @@ pub struct Usage {
     pub cpu: f64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    /// The anonymous (private, not file-backed) part of the RSS.
+    pub anon_kib: u64,
 }
 
 pub fn usage(pid: u32) -> Usage {
@@ -75,6 +77,7 @@ pub fn usage(pid: u32) -> Usage {
         cpu,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
+        anon_kib: kib("RssAnon:"),
     }
 }
 
@@ -194,10 +197,11 @@ pub async fn start_to_first_byte(sim: &SimHandle, echo: u16) -> Duration {
 
 /// Idle-connection footprint.
 pub struct Idle {
-    /// Daemon RSS (KiB) listening on every profile, before any connection.
-    pub base_kib: u64,
-    /// Daemon RSS (KiB) with every connection open and idle.
-    pub loaded_kib: u64,
+    /// Daemon RSS and its anonymous part (KiB) listening on every profile, before any
+    /// connection.
+    pub base: (u64, u64),
+    /// Daemon RSS and its anonymous part (KiB) with every connection open and idle.
+    pub loaded: (u64, u64),
     pub conns: usize,
     pub sessions: usize,
 }
@@ -222,7 +226,8 @@ pub async fn idle_connections(
         wait_listening(*l).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let base_kib = usage(d.child.id()).rss_kib;
+    let u = usage(d.child.id());
+    let base = (u.rss_kib, u.anon_kib);
     let mut tasks = Vec::new();
     for l in &locals {
         for _ in 0..per_profile {
@@ -242,7 +247,8 @@ pub async fn idle_connections(
     }
     // Let allocator and buffers settle, and check that every connection still works.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let loaded_kib = usage(d.child.id()).rss_kib;
+    let u = usage(d.child.id());
+    let loaded = (u.rss_kib, u.anon_kib);
     let check = conns.len().min(20);
     for c in conns.iter_mut().take(check) {
         c.write_all(b"y").await.expect("write");
@@ -254,8 +260,8 @@ pub async fn idle_connections(
     drop(conns);
     drop(d);
     Idle {
-        base_kib,
-        loaded_kib,
+        base,
+        loaded,
         conns: n,
         sessions,
     }
