@@ -23,6 +23,11 @@
 //! * pgbench select-only, 8 clients, `BENCH_PGBENCH_SECS` (default 30; 0 skips it),
 //!   through the tunnel (default `max_sessions`) and direct: tps and average latency.
 //!
+//! `BENCH_PLUGIN=/path/to/session-manager-plugin` adds AWS's plugin (built outside the
+//! repository) against the same simulators: one process per server, `BENCH_PLUGIN_MIB`
+//! (default 16) MiB each way unpaced, the paced sizes otherwise; throughput, latency,
+//! start → first byte, its CPU per GiB and RSS.
+//!
 //! `BENCH_ONLY=transfer` runs just the unpaced upload and download (for profiling;
 //! `BASTIOND_WRAPPER` runs the daemon under a tool such as callgrind).
 //!
@@ -36,12 +41,16 @@ mod daemon;
 mod e2e_util;
 #[path = "tunnel/pg.rs"]
 mod pg;
+#[path = "tunnel/plugin.rs"]
+mod plugin;
 #[path = "tunnel/probes.rs"]
 mod probes;
 #[path = "tunnel/report.rs"]
 mod report;
 #[path = "tunnel/servers.rs"]
 mod servers;
+#[path = "../tests/sim_util/mod.rs"]
+mod sim_util;
 
 use std::time::Duration;
 
@@ -68,6 +77,8 @@ struct Plan {
     idle_profiles: usize,
     idle_per_profile: usize,
     pg_secs: u64,
+    plugin: Option<String>,
+    plugin_bytes: usize,
 }
 
 fn env<T: std::str::FromStr>(key: &str) -> Option<T> {
@@ -91,6 +102,8 @@ impl Plan {
                 idle_profiles: 2,
                 idle_per_profile: 5,
                 pg_secs: pg_secs.unwrap_or(0),
+                plugin: env("BENCH_PLUGIN"),
+                plugin_bytes: MIB,
             };
         }
         let mib = env("BENCH_MIB").unwrap_or(256usize);
@@ -108,6 +121,8 @@ impl Plan {
             idle_profiles: 20,
             idle_per_profile: (idle / 20).max(1),
             pg_secs: pg_secs.unwrap_or(30),
+            plugin: env("BENCH_PLUGIN"),
+            plugin_bytes: env("BENCH_PLUGIN_MIB").unwrap_or(16usize) * MIB,
         }
     }
 }
@@ -249,6 +264,45 @@ async fn transfer_only(m: &Measured, data: &[u8], down: usize) {
     );
 }
 
+/// The plugin against one simulator: the same probes, smaller transfers.
+async fn measure_plugin(
+    s: &mut Samples,
+    m: &Measured,
+    plugin: &str,
+    servers: Servers,
+    plan: &Plan,
+) {
+    let key = if m.paced { "plugin_on" } else { "plugin_off" };
+    let p = plugin::PluginPath::start(&m.sim, plugin, servers).await;
+    s.add(key, "start_ms", ms(p.start_to_first_byte));
+    let data = pattern(plan.plugin_bytes);
+    let down = if m.paced {
+        plan.paced_down
+    } else {
+        plan.plugin_bytes
+    };
+    let (up0, down0) = (usage(p.sink.pid), usage(p.source.pid));
+    s.add(key, "up_mbps", upload(p.sink.port, &data).await);
+    s.add(key, "down_mbps", download(p.source.port, down).await.0);
+    let (up1, down1) = (usage(p.sink.pid), usage(p.source.pid));
+    let gib = (data.len() + down) as f64 / (1u64 << 30) as f64;
+    s.add(
+        key,
+        "cpu_s_per_gib",
+        (up1.cpu - up0.cpu + down1.cpu - down0.cpu) / gib,
+    );
+    let rss = [up1.rss_kib, down1.rss_kib].into_iter().max().unwrap_or(0);
+    s.add(key, "rss_mib", rss as f64 / 1024.0);
+    latencies(s, key, p.echo.port, plan).await;
+    let peak = [p.sink.pid, p.source.pid, p.echo.pid]
+        .map(|pid| usage(pid).hwm_kib)
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    s.add(key, "peak_rss_mib", peak as f64 / 1024.0);
+    p.stop().await;
+}
+
 /// Lets the daemon and this process hold thousands of sockets.
 fn raise_nofile() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
@@ -386,6 +440,12 @@ async fn main() {
             eprintln!("run {run}/{}: {}", plan.runs, m.title);
             measure_tunnel(&mut s, m, servers, &plan, &data).await;
         }
+        if let Some(plugin) = &plan.plugin {
+            for m in &measured {
+                eprintln!("run {run}/{}: plugin, {}", plan.runs, m.title);
+                measure_plugin(&mut s, m, plugin, servers, &plan).await;
+            }
+        }
         eprintln!("run {run}/{}: idle connections", plan.runs);
         let on = &measured[1];
         let idle = daemon::idle_connections(
@@ -411,11 +471,16 @@ async fn main() {
     for m in &measured {
         assert!(m.sim.violations().is_empty(), "{:?}", m.sim.violations());
     }
-    let paths = [
-        ("direct", "direct loopback"),
-        (measured[0].key, measured[0].title),
-        (measured[1].key, measured[1].title),
+    let mut paths = vec![
+        ("direct", "direct loopback".to_owned()),
+        (measured[0].key, measured[0].title.to_owned()),
+        (measured[1].key, measured[1].title.to_owned()),
     ];
+    if let Some(p) = &plan.plugin {
+        let v = plugin::version(p);
+        paths.push(("plugin_off", format!("plugin {v}, pacing off")));
+        paths.push(("plugin_on", format!("plugin {v}, pacing 1 ms")));
+    }
     println!(
         "medians of {} run(s); {} MiB up/down, paced download {} KiB\n",
         plan.runs,
@@ -445,6 +510,8 @@ async fn main() {
         "agg_per_conn_kib": plan.agg >> 10,
         "paced_agg_per_conn_kib": plan.paced_agg >> 10,
         "round_trips": plan.round_trips,
+        "plugin": plan.plugin.as_ref().map(|p| plugin::version(p)),
+        "plugin_mib": plan.plugin_bytes / MIB,
         "connects": plan.connects,
         "idle_profiles": plan.idle_profiles,
         "pgbench_secs": plan.pg_secs,

@@ -26,6 +26,17 @@ pub fn profile(
     )
 }
 
+/// `n` distinct free ports (all bound at once, then released; `free_port` one at a
+/// time can hand out the same port twice).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
 /// A daemon at `RUST_LOG=warn` against `sim`.
 pub fn start(config: &str, sim: &SimHandle) -> DaemonProcess {
     DaemonProcess::start_with_env(config, &sim.endpoint_url(), &[("RUST_LOG", "warn")])
@@ -106,9 +117,14 @@ impl Tunnel {
         servers: super::servers::Servers,
         pg: Option<u16>,
     ) -> Tunnel {
-        let (sink, source, echo, cold) = (free_port(), free_port(), free_port(), free_port());
-        let striped = STRIPES.map(|m| (m, free_port()));
-        let pg_local = pg.map(|_| free_port());
+        let ports = free_ports(8);
+        let (sink, source, echo, cold) = (ports[0], ports[1], ports[2], ports[3]);
+        let striped = [
+            (STRIPES[0], ports[4]),
+            (STRIPES[1], ports[5]),
+            (STRIPES[2], ports[6]),
+        ];
+        let pg_local = pg.map(|_| ports[7]);
         let mut config = profile("sink", servers.sink, sink, Some(1), true)
             + &profile("source", servers.source, source, Some(1), true)
             + &profile("echo", servers.echo, echo, Some(1), true)
@@ -214,7 +230,7 @@ pub async fn idle_connections(
     profiles: usize,
     per_profile: usize,
 ) -> Idle {
-    let locals: Vec<u16> = (0..profiles).map(|_| free_port()).collect();
+    let locals = free_ports(profiles);
     let config: String = locals
         .iter()
         .enumerate()

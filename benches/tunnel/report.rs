@@ -72,7 +72,7 @@ fn ratio(v: Option<f64>, base: Option<f64>) -> String {
 }
 
 /// The markdown table: medians per path, tunnel ÷ direct, the plugin's figure.
-pub fn table(s: &Samples, metrics: &[Metric], paths: &[(&'static str, &str)]) -> String {
+pub fn table(s: &Samples, metrics: &[Metric], paths: &[(&'static str, String)]) -> String {
     let mut out = String::from("| metric |");
     let mut rule = String::from("|---|");
     for (i, (_, title)) in paths.iter().enumerate() {
@@ -83,7 +83,7 @@ pub fn table(s: &Samples, metrics: &[Metric], paths: &[(&'static str, &str)]) ->
             rule += "---:|";
         }
     }
-    out += " plugin 1.2.677.0 |\n";
+    out += " plugin 1.2.677.0 (issue) |\n";
     rule += "---:|\n";
     out += &rule;
     for m in metrics {
