@@ -50,7 +50,7 @@ pub async fn select_only(port: u16, secs: u64) -> (f64, f64) {
     let field = |prefix: &str| {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
-            .and_then(|v| v.trim().split_whitespace().next()?.parse::<f64>().ok())
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output: {text}"))
     };
     (field("tps ="), field("latency average ="))
