@@ -2,294 +2,410 @@
 //!
 //! A real `bastiond run` (the release binary under `cargo bench`) forwards to local
 //! servers through the simulator, with the agent's 1 ms pacing on and again with it off
-//! (to see the client alone); the same servers are also reached directly. Printed as one
-//! table with ratios to direct:
+//! (to see the client alone); the same servers are also reached directly. Every figure
+//! is the median of `BENCH_RUNS` (default 3) runs, the paths interleaved in each run,
+//! printed as one table with ratios to direct and written to `target/bench-tunnel.json`:
 //!
-//! * upload and download throughput of one connection (MB/s);
-//! * request/response latency: sequential 64-byte round trips, p50 / p99 / max;
+//! * upload and download throughput of one connection (MB/s): `BENCH_MIB` (default 256)
+//!   MiB each way; the paced download uses `BENCH_PACED_MIB` (default 4), since the
+//!   agent's pacing caps a session's download at about 1 MB/s;
+//! * aggregate download of 8 concurrent connections on one profile, with
+//!   `max_sessions` 1 (not striped), 4 (the default) and 8: 32 MiB per connection
+//!   without pacing, 1 MiB with;
+//! * request/response latency: 10,000 sequential 64-byte round trips, p50 / p99 / max;
 //! * new-connection latency on a warm session (connect → first byte back), p50 / p99;
-//! * the daemon's CPU seconds per GiB moved (utime + stime from `/proc`) and its RSS.
+//! * cold paths: `bastionctl open --warm` → first byte, and `bastiond` spawned → first
+//!   byte (5 of each per run);
+//! * the daemon's CPU seconds per GiB moved during the two single-connection transfers
+//!   (utime + stime from `/proc`, what getrusage reports) and its RSS;
+//! * 1,000 concurrent idle connections on 20 profiles (`BENCH_IDLE_CONNS`): daemon RSS
+//!   and RSS per connection (agent pacing on);
+//! * pgbench select-only, 8 clients, `BENCH_PGBENCH_SECS` (default 30; 0 skips it),
+//!   through the tunnel (default `max_sessions`) and direct: tps and average latency.
 //!
-//! `cargo bench --bench tunnel` runs it in full (`BENCH_MIB`, default 64, sets the
-//! transfer size; the agent's pacing caps a paced download at about 1 MB/s, so the paced
-//! transfers use `BENCH_MIB / 8`). Under `cargo test` it runs a small smoke pass that
-//! checks every transfer's SHA-256, so the harness itself stays tested.
+//! `BENCH_PLUGIN=/path/to/session-manager-plugin` adds AWS's plugin (built outside the
+//! repository) against the same simulators: one process per server, `BENCH_PLUGIN_MIB`
+//! (default 16) MiB each way unpaced, the paced sizes otherwise; throughput, latency,
+//! start → first byte, its CPU per GiB and RSS.
+//!
+//! `BENCH_ONLY=transfer` runs just the unpaced upload and download (for profiling;
+//! `BASTIOND_WRAPPER` runs the daemon under a tool such as callgrind).
+//!
+//! Under `cargo test` it runs a small smoke pass (every transfer's SHA-256 checked, no
+//! timing asserted, pgbench skipped unless `BENCH_PGBENCH_SECS` is set) so the harness
+//! itself stays tested.
 
+#[path = "tunnel/daemon.rs"]
+mod daemon;
 #[path = "../tests/e2e_util/mod.rs"]
 mod e2e_util;
+#[path = "tunnel/pg.rs"]
+mod pg;
+#[path = "tunnel/plugin.rs"]
+mod plugin;
+#[path = "tunnel/probes.rs"]
+mod probes;
+#[path = "tunnel/report.rs"]
+mod report;
+#[path = "tunnel/servers.rs"]
+mod servers;
+#[path = "../tests/sim_util/mod.rs"]
+mod sim_util;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bastion::sim::{SimConfig, SimHandle, Simulator};
-use e2e_util::{DaemonProcess, free_port};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use daemon::{Tunnel, start_to_first_byte, usage};
+use probes::{aggregate_download, connects, download, round_trips, upload};
+use report::{Metric, Samples};
+use servers::{Servers, pattern};
+
+const MIB: usize = 1 << 20;
 
 /// Sizes of one run.
 struct Plan {
-    mib: usize,
-    paced_mib: usize,
+    runs: usize,
+    up: usize,
+    down: usize,
+    paced_down: usize,
+    /// Per connection, 8 connections.
+    agg: usize,
+    paced_agg: usize,
     round_trips: usize,
     connects: usize,
+    colds: usize,
+    idle_profiles: usize,
+    idle_per_profile: usize,
+    pg_secs: u64,
+    plugin: Option<String>,
+    plugin_bytes: usize,
 }
 
-/// One measured path: a name and the local port that reaches the servers.
-struct Path {
-    name: &'static str,
-    sink: u16,
-    source: u16,
-    echo: u16,
+fn env<T: std::str::FromStr>(key: &str) -> Option<T> {
+    std::env::var(key).ok()?.parse().ok()
 }
 
-#[derive(Default)]
-struct Row {
-    up_mbps: f64,
-    down_mbps: f64,
-    rtt: [Duration; 3],
-    connect: [Duration; 2],
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect()
-}
-
-/// Reads an 8-byte length, then that many bytes; answers their SHA-256.
-async fn sink_server() -> u16 {
-    serve(|mut c| async move {
-        let Ok(len) = c.read_u64().await else { return };
-        let mut h = Sha256::new();
-        let mut left = len as usize;
-        let mut buf = vec![0u8; 256 * 1024];
-        while left > 0 {
-            let n = match c.read(&mut buf[..left.min(256 * 1024)]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
+impl Plan {
+    fn new(full: bool) -> Plan {
+        let pg_secs = env("BENCH_PGBENCH_SECS");
+        if !full {
+            return Plan {
+                runs: 1,
+                up: MIB,
+                down: MIB,
+                paced_down: 256 << 10,
+                agg: 256 << 10,
+                paced_agg: 32 << 10,
+                round_trips: 50,
+                connects: 5,
+                colds: 1,
+                idle_profiles: 2,
+                idle_per_profile: 5,
+                pg_secs: pg_secs.unwrap_or(0),
+                plugin: env("BENCH_PLUGIN"),
+                plugin_bytes: MIB,
             };
-            h.update(&buf[..n]);
-            left -= n;
         }
-        let _ = c.write_all(&h.finalize()).await;
-    })
-    .await
-}
-
-/// Reads an 8-byte length, then sends that many bytes of `pattern`.
-async fn source_server() -> u16 {
-    serve(|mut c| async move {
-        let Ok(len) = c.read_u64().await else { return };
-        let data = pattern(len as usize);
-        let _ = c.write_all(&data).await;
-    })
-    .await
-}
-
-/// Echoes everything.
-async fn echo_server() -> u16 {
-    serve(|c| async move {
-        let (mut r, mut w) = c.into_split();
-        let _ = tokio::io::copy(&mut r, &mut w).await;
-    })
-    .await
-}
-
-async fn serve<F, Fut>(handler: F) -> u16
-where
-    F: Fn(TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((c, _)) = l.accept().await {
-            let _ = c.set_nodelay(true);
-            tokio::spawn(handler(c));
-        }
-    });
-    port
-}
-
-async fn connect(port: u16) -> TcpStream {
-    let c = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let _ = c.set_nodelay(true);
-    c
-}
-
-async fn upload(port: u16, data: &[u8]) -> f64 {
-    let want = Sha256::digest(data);
-    let started = Instant::now();
-    let mut c = connect(port).await;
-    c.write_u64(data.len() as u64).await.expect("write");
-    c.write_all(data).await.expect("write");
-    let mut got = [0u8; 32];
-    c.read_exact(&mut got).await.expect("digest");
-    assert_eq!(&got[..], &want[..], "upload SHA-256");
-    data.len() as f64 / started.elapsed().as_secs_f64() / 1e6
-}
-
-async fn download(port: u16, len: usize) -> f64 {
-    let want = Sha256::digest(pattern(len));
-    let started = Instant::now();
-    let mut c = connect(port).await;
-    c.write_u64(len as u64).await.expect("write");
-    let mut got = Vec::with_capacity(len);
-    c.read_to_end(&mut got).await.expect("read");
-    let secs = started.elapsed().as_secs_f64();
-    assert_eq!(Sha256::digest(&got), want, "download SHA-256");
-    len as f64 / secs / 1e6
-}
-
-fn percentiles(mut v: Vec<Duration>) -> [Duration; 3] {
-    v.sort();
-    let at = |q: f64| v[((v.len() as f64 - 1.0) * q) as usize];
-    [at(0.5), at(0.99), v[v.len() - 1]]
-}
-
-async fn round_trips(port: u16, n: usize) -> [Duration; 3] {
-    let mut c = connect(port).await;
-    let msg = [7u8; 64];
-    let mut back = [0u8; 64];
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        c.write_all(&msg).await.expect("write");
-        c.read_exact(&mut back).await.expect("read");
-        times.push(t.elapsed());
-    }
-    percentiles(times)
-}
-
-async fn connects(port: u16, n: usize) -> [Duration; 2] {
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        let mut c = connect(port).await;
-        c.write_all(b"x").await.expect("write");
-        let mut b = [0u8; 1];
-        c.read_exact(&mut b).await.expect("read");
-        times.push(t.elapsed());
-    }
-    let p = percentiles(times);
-    [p[0], p[1]]
-}
-
-async fn measure(path: &Path, plan: &Plan, mib: usize) -> Row {
-    let data = pattern(mib << 20);
-    // Warm: the daemon's first connection starts the session.
-    let _ = round_trips(path.echo, 10).await;
-    Row {
-        up_mbps: upload(path.sink, &data).await,
-        down_mbps: download(path.source, mib << 20).await,
-        rtt: round_trips(path.echo, plan.round_trips).await,
-        connect: connects(path.echo, plan.connects).await,
-    }
-}
-
-/// (utime + stime in seconds, RSS in KiB) of a process.
-fn usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    // After the command name: state is field 3, utime 14, stime 15 (1-based, man proc).
-    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-    let hz = 100.0; // USER_HZ on Linux
-    let cpu = (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / hz;
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    (cpu, rss)
-}
-
-fn profile(name: &str, remote: u16, local: u16) -> String {
-    format!(
-        "[profiles.{name}]\ntarget = \"i-0123456789abcdef0\"\nremote_host = \"127.0.0.1\"\n\
-         remote_port = {remote}\nlocal_port = {local}\nbind = [\"127.0.0.1\"]\nautostart = true\n\
-         max_sessions = 1\n"
-    )
-}
-
-/// A daemon with one profile per server, against `sim`.
-async fn tunnel(sim: &SimHandle, name: &'static str, servers: [u16; 3]) -> (DaemonProcess, Path) {
-    let locals = [free_port(), free_port(), free_port()];
-    let config: String = ["sink", "source", "echo"]
-        .iter()
-        .zip(servers.iter().zip(&locals))
-        .map(|(p, (r, l))| profile(p, *r, *l))
-        .collect();
-    let d = DaemonProcess::start_with_env(&config, &sim.endpoint_url(), &[("RUST_LOG", "warn")]);
-    for l in locals {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", l)).is_err() {
-            assert!(Instant::now() < deadline, "no listener");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mib = env("BENCH_MIB").unwrap_or(256usize);
+        let idle = env("BENCH_IDLE_CONNS").unwrap_or(1000usize);
+        Plan {
+            runs: env("BENCH_RUNS").unwrap_or(3usize).max(1),
+            up: mib * MIB,
+            down: mib * MIB,
+            paced_down: env("BENCH_PACED_MIB").unwrap_or(4usize) * MIB,
+            agg: (mib / 8).max(1) * MIB,
+            paced_agg: MIB,
+            round_trips: 10_000,
+            connects: 200,
+            colds: 5,
+            idle_profiles: 20,
+            idle_per_profile: (idle / 20).max(1),
+            pg_secs: pg_secs.unwrap_or(30),
+            plugin: env("BENCH_PLUGIN"),
+            plugin_bytes: env("BENCH_PLUGIN_MIB").unwrap_or(16usize) * MIB,
         }
     }
-    let path = Path {
-        name,
-        sink: locals[0],
-        source: locals[1],
-        echo: locals[2],
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn agg_key(max_sessions: usize) -> &'static str {
+    match max_sessions {
+        1 => "agg8_ms1_mbps",
+        4 => "agg8_ms4_mbps",
+        _ => "agg8_ms8_mbps",
+    }
+}
+
+/// Latency and pgbench figures common to both kinds of path.
+async fn latencies(s: &mut Samples, key: &'static str, echo: u16, plan: &Plan) {
+    let [p50, p99, max] = round_trips(echo, plan.round_trips).await;
+    s.add(key, "rtt_p50_ms", ms(p50));
+    s.add(key, "rtt_p99_ms", ms(p99));
+    s.add(key, "rtt_max_ms", ms(max));
+    let [c50, c99] = connects(echo, plan.connects).await;
+    s.add(key, "connect_p50_ms", ms(c50));
+    s.add(key, "connect_p99_ms", ms(c99));
+}
+
+async fn pgbench(s: &mut Samples, key: &'static str, port: Option<u16>, plan: &Plan) {
+    if let Some(port) = port.filter(|_| plan.pg_secs > 0) {
+        let (tps, lat) = pg::select_only(port, plan.pg_secs).await;
+        s.add(key, "pg_tps", tps);
+        s.add(key, "pg_latency_ms", lat);
+    }
+}
+
+async fn measure_direct(
+    s: &mut Samples,
+    servers: Servers,
+    pg: Option<u16>,
+    plan: &Plan,
+    data: &[u8],
+) {
+    let key = "direct";
+    s.add(key, "up_mbps", upload(servers.sink, data).await);
+    s.add(
+        key,
+        "down_mbps",
+        download(servers.source, plan.down).await.0,
+    );
+    let agg = aggregate_download(servers.source, 8, plan.agg).await;
+    for m in daemon::STRIPES {
+        s.add(key, agg_key(m), agg);
+    }
+    latencies(s, key, servers.echo, plan).await;
+    pgbench(s, key, pg, plan).await;
+}
+
+/// One measured tunnel: its sample key, table title, simulator and daemon.
+struct Measured {
+    key: &'static str,
+    title: &'static str,
+    paced: bool,
+    sim: SimHandle,
+    tunnel: Tunnel,
+}
+
+async fn measure_tunnel(s: &mut Samples, m: &Measured, servers: Servers, plan: &Plan, data: &[u8]) {
+    let (key, t) = (m.key, &m.tunnel);
+    let pid = t.daemon.child.id();
+    let down = if m.paced { plan.paced_down } else { plan.down };
+    let before = usage(pid);
+    s.add(key, "up_mbps", upload(t.sink, data).await);
+    s.add(key, "down_mbps", download(t.source, down).await.0);
+    let after = usage(pid);
+    let gib = (data.len() + down) as f64 / (1u64 << 30) as f64;
+    s.add(key, "cpu_s_per_gib", (after.cpu - before.cpu) / gib);
+    s.add(key, "rss_mib", after.rss_kib as f64 / 1024.0);
+    s.add(key, "anon_mib", after.anon_kib as f64 / 1024.0);
+    let agg = if m.paced { plan.paced_agg } else { plan.agg };
+    for (stripes, port) in t.striped {
+        s.add(
+            key,
+            agg_key(stripes),
+            aggregate_download(port, 8, agg).await,
+        );
+    }
+    latencies(s, key, t.echo, plan).await;
+    for _ in 0..plan.colds {
+        s.add(key, "open_warm_ms", ms(t.open_warm_to_first_byte().await));
+        s.add(
+            key,
+            "start_ms",
+            ms(start_to_first_byte(&m.sim, servers.echo).await),
+        );
+    }
+    pgbench(s, key, t.pg, plan).await;
+    s.add(key, "peak_rss_mib", usage(pid).hwm_kib as f64 / 1024.0);
+}
+
+/// `BENCH_ONLY=transfer`: one upload and one download through the unpaced tunnel, for
+/// profiling the daemon (`BASTIOND_WRAPPER="valgrind --tool=callgrind"`, or perf on
+/// the printed pid).
+async fn transfer_only(m: &Measured, data: &[u8], down: usize) {
+    let t = &m.tunnel;
+    let pid = t.daemon.child.id();
+    // The pauses let a profiler mark the phases (`callgrind_control -z`/`-d` on the pid).
+    let pause = Duration::from_secs(2);
+    eprintln!("daemon pid {pid}; upload starts in 2 s");
+    tokio::time::sleep(pause).await;
+    let before = usage(pid);
+    let up = upload(t.sink, data).await;
+    let mid = usage(pid);
+    eprintln!("upload done; download starts in 2 s");
+    tokio::time::sleep(pause).await;
+    let mid2 = usage(pid);
+    let (down_mbps, _) = download(t.source, down).await;
+    let after = usage(pid);
+    eprintln!("download done");
+    tokio::time::sleep(pause).await;
+    let mut c = bastion::sim::report::Counters::default();
+    for snap in m.sim.sessions() {
+        c.data_messages_from_client += snap.counters.data_messages_from_client;
+        c.duplicates_from_client += snap.counters.duplicates_from_client;
+        c.data_messages_to_client += snap.counters.data_messages_to_client;
+        c.retransmissions += snap.counters.retransmissions;
+    }
+    println!(
+        "sim: {} data messages from the client ({} duplicates), {} to it ({} resent)",
+        c.data_messages_from_client,
+        c.duplicates_from_client,
+        c.data_messages_to_client,
+        c.retransmissions
+    );
+    let gib = |n: usize| n as f64 / (1u64 << 30) as f64;
+    println!(
+        "upload {up:.1} MB/s, {:.2} CPU s/GiB; download {down_mbps:.1} MB/s, {:.2} CPU s/GiB",
+        (mid.cpu - before.cpu) / gib(data.len()),
+        (after.cpu - mid2.cpu) / gib(down)
+    );
+}
+
+/// The plugin against one simulator: the same probes, smaller transfers.
+async fn measure_plugin(
+    s: &mut Samples,
+    m: &Measured,
+    plugin: &str,
+    servers: Servers,
+    plan: &Plan,
+) {
+    let key = if m.paced { "plugin_on" } else { "plugin_off" };
+    let p = plugin::PluginPath::start(&m.sim, plugin, servers).await;
+    s.add(key, "start_ms", ms(p.start_to_first_byte));
+    let data = pattern(plan.plugin_bytes);
+    let down = if m.paced {
+        plan.paced_down
+    } else {
+        plan.plugin_bytes
     };
-    (d, path)
+    let (up0, down0) = (usage(p.sink.pid), usage(p.source.pid));
+    s.add(key, "up_mbps", upload(p.sink.port, &data).await);
+    s.add(key, "down_mbps", download(p.source.port, down).await.0);
+    let (up1, down1) = (usage(p.sink.pid), usage(p.source.pid));
+    let gib = (data.len() + down) as f64 / (1u64 << 30) as f64;
+    s.add(
+        key,
+        "cpu_s_per_gib",
+        (up1.cpu - up0.cpu + down1.cpu - down0.cpu) / gib,
+    );
+    let rss = [up1.rss_kib, down1.rss_kib].into_iter().max().unwrap_or(0);
+    s.add(key, "rss_mib", rss as f64 / 1024.0);
+    latencies(s, key, p.echo.port, plan).await;
+    let peak = [p.sink.pid, p.source.pid, p.echo.pid]
+        .map(|pid| usage(pid).hwm_kib)
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    s.add(key, "peak_rss_mib", peak as f64 / 1024.0);
+    p.stop().await;
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
+/// Lets the daemon and this process hold thousands of sockets.
+fn raise_nofile() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let l = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        },
+    );
+}
+
+fn metrics(plan: &Plan) -> Vec<Metric> {
+    let m = |key, label: String, plugin| Metric { key, label, plugin };
+    vec![
+        m(
+            "up_mbps",
+            format!("upload MB/s, 1 connection, {} MiB", plan.up / MIB),
+            "0.75",
+        ),
+        m(
+            "down_mbps",
+            format!(
+                "download MB/s, 1 connection, {} MiB ({} KiB paced)",
+                plan.down / MIB,
+                plan.paced_down >> 10
+            ),
+            "0.78",
+        ),
+        m(
+            "agg8_ms1_mbps",
+            "download MB/s, 8 connections, max_sessions 1".into(),
+            "0.78",
+        ),
+        m(
+            "agg8_ms4_mbps",
+            "download MB/s, 8 connections, max_sessions 4 (default)".into(),
+            "-",
+        ),
+        m(
+            "agg8_ms8_mbps",
+            "download MB/s, 8 connections, max_sessions 8".into(),
+            "-",
+        ),
+        m(
+            "rtt_p50_ms",
+            format!("round trip p50 ms ({} × 64 B)", plan.round_trips),
+            "1.7",
+        ),
+        m("rtt_p99_ms", "round trip p99 ms".into(), "4.0"),
+        m("rtt_max_ms", "round trip max ms".into(), "-"),
+        m(
+            "connect_p50_ms",
+            "new connection, warm session, p50 ms".into(),
+            "-",
+        ),
+        m(
+            "connect_p99_ms",
+            "new connection, warm session, p99 ms".into(),
+            "-",
+        ),
+        m(
+            "open_warm_ms",
+            "`bastionctl open --warm` → first byte ms".into(),
+            "585 (aws ssm start-session)",
+        ),
+        m(
+            "start_ms",
+            "`bastiond` start → first byte ms".into(),
+            "38 (plugin start)",
+        ),
+        m(
+            "cpu_s_per_gib",
+            "daemon CPU s/GiB (single-connection up + down)".into(),
+            "-",
+        ),
+        m("rss_mib", "daemon RSS MiB after the transfers".into(), "13"),
+        m(
+            "peak_rss_mib",
+            "daemon peak RSS MiB (whole run)".into(),
+            "18",
+        ),
+        m("pg_tps", "pgbench -S -c 8 tps".into(), "-"),
+        m("pg_latency_ms", "pgbench -S -c 8 latency ms".into(), "-"),
+    ]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let mib = std::env::var("BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64usize);
-    let plan = if full {
-        Plan {
-            mib,
-            paced_mib: (mib / 8).max(1),
-            round_trips: 10_000,
-            connects: 200,
-        }
-    } else {
-        Plan {
-            mib: 1,
-            paced_mib: 1,
-            round_trips: 50,
-            connects: 5,
-        }
-    };
-    let servers = [
-        sink_server().await,
-        source_server().await,
-        echo_server().await,
-    ];
-    let direct = Path {
-        name: "direct loopback",
-        sink: servers[0],
-        source: servers[1],
-        echo: servers[2],
-    };
-    let base = measure(&direct, &plan, plan.mib).await;
-    let mut rows = vec![(direct.name, plan.mib, base, None)];
-    for (name, pacing, size) in [
-        ("tunnel, agent pacing off", Duration::ZERO, plan.mib),
-        (
-            "tunnel, agent pacing 1 ms",
-            Duration::from_millis(1),
-            plan.paced_mib,
-        ),
+    let plan = Plan::new(full);
+    raise_nofile();
+    let servers = Servers::start().await;
+    let pg_server = (plan.pg_secs > 0).then(e2e_util::PgServer::start);
+    let pg_port = pg_server.as_ref().map(|p| p.port);
+    if let Some(port) = pg_port {
+        pg::init(port);
+    }
+    let mut measured = Vec::new();
+    for (key, title, pacing) in [
+        ("off", "tunnel, pacing off", Duration::ZERO),
+        ("on", "tunnel, pacing 1 ms", Duration::from_millis(1)),
     ] {
         let sim = Simulator::bind(SimConfig {
             agent_pacing: pacing,
@@ -298,33 +414,117 @@ async fn main() {
         .await
         .expect("sim")
         .spawn();
-        let (d, path) = tunnel(&sim, name, servers).await;
-        let (cpu0, _) = usage(d.child.id());
-        let row = measure(&path, &plan, size).await;
-        let (cpu1, rss) = usage(d.child.id());
-        // Bytes through the daemon: upload + download, plus the small traffic.
-        let gib = (2 * (size << 20)) as f64 / (1u64 << 30) as f64;
-        rows.push((path.name, size, row, Some(((cpu1 - cpu0) / gib, rss))));
-        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+        let tunnel = Tunnel::start(&sim, servers, pg_port).await;
+        // Warm: each profile's first connection starts its sessions.
+        let _ = round_trips(tunnel.echo, 10).await;
+        for (_, port) in tunnel.striped {
+            aggregate_download(port, 8, 64 << 10).await;
+        }
+        measured.push(Measured {
+            key,
+            title,
+            paced: !pacing.is_zero(),
+            sim,
+            tunnel,
+        });
+    }
+    let data = pattern(plan.up);
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "transfer") {
+        return transfer_only(&measured[0], &data, plan.down).await;
+    }
+    let mut s = Samples::default();
+    for run in 1..=plan.runs {
+        eprintln!("run {run}/{}: direct", plan.runs);
+        measure_direct(&mut s, servers, pg_port, &plan, &data).await;
+        for m in &measured {
+            eprintln!("run {run}/{}: {}", plan.runs, m.title);
+            measure_tunnel(&mut s, m, servers, &plan, &data).await;
+        }
+        if let Some(plugin) = &plan.plugin {
+            for m in &measured {
+                eprintln!("run {run}/{}: plugin, {}", plan.runs, m.title);
+                measure_plugin(&mut s, m, plugin, servers, &plan).await;
+            }
+        }
+        eprintln!("run {run}/{}: idle connections", plan.runs);
+        let on = &measured[1];
+        let idle = daemon::idle_connections(
+            &on.sim,
+            servers.echo,
+            plan.idle_profiles,
+            plan.idle_per_profile,
+        )
+        .await;
+        s.add("idle", "conns", idle.conns as f64);
+        s.add("idle", "sessions", idle.sessions as f64);
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        s.add("idle", "base_rss_mib", mib(idle.base.0));
+        s.add("idle", "rss_mib", mib(idle.loaded.0));
+        s.add("idle", "base_anon_mib", mib(idle.base.1));
+        s.add("idle", "anon_mib", mib(idle.loaded.1));
+        s.add(
+            "idle",
+            "kib_per_conn",
+            idle.loaded.0.saturating_sub(idle.base.0) as f64 / idle.conns as f64,
+        );
+    }
+    for m in &measured {
+        assert!(m.sim.violations().is_empty(), "{:?}", m.sim.violations());
+    }
+    let mut paths = vec![
+        ("direct", "direct loopback".to_owned()),
+        (measured[0].key, measured[0].title.to_owned()),
+        (measured[1].key, measured[1].title.to_owned()),
+    ];
+    if let Some(p) = &plan.plugin {
+        let v = plugin::version(p);
+        paths.push(("plugin_off", format!("plugin {v}, pacing off")));
+        paths.push(("plugin_on", format!("plugin {v}, pacing 1 ms")));
     }
     println!(
-        "| path | MiB | up MB/s | down MB/s | RTT p50 ms | p99 | max | connect p50 ms | p99 | daemon CPU s/GiB | daemon RSS MiB |"
+        "medians of {} run(s); {} MiB up/down, paced download {} KiB\n",
+        plan.runs,
+        plan.up / MIB,
+        plan.paced_down >> 10
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (name, size, r, daemon) in &rows {
-        println!(
-            "| {name} | {size} | {:.1} ({:.2}x) | {:.1} ({:.2}x) | {} | {} | {} | {} | {} | {} | {} |",
-            r.up_mbps,
-            r.up_mbps / rows[0].2.up_mbps,
-            r.down_mbps,
-            r.down_mbps / rows[0].2.down_mbps,
-            ms(r.rtt[0]),
-            ms(r.rtt[1]),
-            ms(r.rtt[2]),
-            ms(r.connect[0]),
-            ms(r.connect[1]),
-            daemon.map_or("-".into(), |(c, _)| format!("{c:.2}")),
-            daemon.map_or("-".into(), |(_, rss)| format!("{:.1}", rss as f64 / 1024.0)),
-        );
+    print!("{}", report::table(&s, &metrics(&plan), &paths));
+    let idle = |k| s.median("idle", k).unwrap_or(0.0);
+    println!(
+        "\nidle: {:.0} connections on {} profiles ({:.0} sessions, pacing on): daemon RSS {:.1} MiB \
+         ({:.1} MiB anonymous), {:.1} MiB ({:.1} anonymous) before the connections; \
+         {:.1} KiB per connection (plugin: 13 MB RSS per tunnel process)",
+        idle("conns"),
+        plan.idle_profiles,
+        idle("sessions"),
+        idle("rss_mib"),
+        idle("anon_mib"),
+        idle("base_rss_mib"),
+        idle("base_anon_mib"),
+        idle("kib_per_conn"),
+    );
+    let meta = serde_json::json!({
+        "runs": plan.runs,
+        "up_mib": plan.up / MIB,
+        "down_mib": plan.down / MIB,
+        "paced_down_kib": plan.paced_down >> 10,
+        "agg_per_conn_kib": plan.agg >> 10,
+        "paced_agg_per_conn_kib": plan.paced_agg >> 10,
+        "round_trips": plan.round_trips,
+        "plugin": plan.plugin.as_ref().map(|p| plugin::version(p)),
+        "plugin_mib": plan.plugin_bytes / MIB,
+        "connects": plan.connects,
+        "idle_profiles": plan.idle_profiles,
+        "pgbench_secs": plan.pg_secs,
+    });
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let name = if full {
+        "bench-tunnel.json"
+    } else {
+        "bench-tunnel-smoke.json"
+    };
+    let out = std::path::Path::new(&target).join(name);
+    let text = serde_json::to_string_pretty(&s.json(meta)).expect("json");
+    if std::fs::write(&out, text).is_ok() {
+        println!("\nsummary: {}", out.display());
     }
 }

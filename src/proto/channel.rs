@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use super::kind::{MessageType, PayloadType, header_flags};
 use super::message::{ClientMessage, DecodeError, EncodeError, SCHEMA_VERSION};
-use super::payload::{self, AcknowledgeContent, ChannelClosed, PayloadError};
+use super::payload::{self, AcknowledgeContent, AcknowledgedSequence, ChannelClosed, PayloadError};
 use super::rtt::RttEstimator;
 
 /// Retransmission backoff cap: at most 2^3 = 8 times the RTO.
@@ -167,6 +167,9 @@ pub struct ChannelStats {
     pub bytes_sent: u64,
     /// Retransmissions (timer expiry or reconnect).
     pub retransmissions: u64,
+    /// Timer expiries that did not resend because the message was only queued behind
+    /// others (see [`Channel::handle_timeout`]).
+    pub deferred_retransmissions: u64,
     /// Stream-data messages delivered in order.
     pub messages_delivered: u64,
     /// Payload bytes delivered in order.
@@ -235,6 +238,10 @@ pub struct Channel {
     reorder: BTreeMap<i64, ClientMessage>,
     events: VecDeque<ChannelEvent>,
     rtt: RttEstimator,
+    /// When an acknowledgement last matched an unacknowledged message.
+    last_ack_at: Option<Instant>,
+    /// The highest sequence number acknowledged so far.
+    highest_acked: Option<i64>,
     paused: bool,
     connected: bool,
     receive_ready: bool,
@@ -263,6 +270,8 @@ impl Channel {
             reorder: BTreeMap::new(),
             events: VecDeque::new(),
             rtt: RttEstimator::default(),
+            last_ack_at: None,
+            highest_acked: None,
             paused: false,
             connected: true,
             receive_ready: true,
@@ -315,7 +324,7 @@ impl Channel {
             created_date: self.clock.unix_ms(now),
             sequence_number: seq,
             flags,
-            message_id: Uuid::new_v4(),
+            message_id: new_message_id(),
             payload_type,
             payload,
         };
@@ -433,8 +442,41 @@ impl Channel {
                 });
                 return;
             }
+            if self.probably_queued(seq, now) {
+                let deadline = now + self.rtt.rto();
+                if let Some(out) = self.unacked.get_mut(&seq) {
+                    out.deadline = Some(deadline);
+                }
+                self.timers.push(Reverse((deadline, seq)));
+                self.stats.deferred_retransmissions += 1;
+                if self.timers.len() > 2 * self.unacked.len() + 64 {
+                    self.rebuild_timers();
+                }
+                continue;
+            }
             self.transmit_seq(seq, now);
         }
+    }
+
+    /// Whether an unacknowledged message whose timer expired is most likely still queued
+    /// on its way (behind the messages sent before it) rather than lost: the peer
+    /// acknowledged something within the last RTO, and nothing sent after this message.
+    ///
+    /// With up to [`ChannelConfig::max_in_flight_messages`] in flight, a bulk upload
+    /// queues seconds' worth of messages at the peer, far beyond an RTO learnt while the
+    /// link was idle; resending every message whose timer expires then resends the
+    /// whole window again and again (the simulator saw 1–5 copies of each message of a
+    /// 64 MiB upload), which deepens the queue it reacts to. The references avoid this
+    /// by resending only the oldest message once per 100 ms tick ([P] `streaming.go` fn
+    /// `ResendStreamDataMessageScheduler`), which recovers slowly from several losses.
+    /// Here a message is resent at once when the peer acknowledged a later one (a hole:
+    /// lost) or acknowledged nothing for an RTO (a stall); otherwise its timer is armed
+    /// again.
+    fn probably_queued(&self, seq: i64, now: Instant) -> bool {
+        let acks_flowing = self
+            .last_ack_at
+            .is_some_and(|t| now.saturating_duration_since(t) < self.rtt.rto());
+        acks_flowing && self.highest_acked.is_none_or(|h| h < seq)
     }
 
     /// Tells the channel the websocket is gone: nothing is transmitted and no timer
@@ -509,8 +551,8 @@ impl Channel {
         match &msg.message_type {
             t if *t == self.role.incoming_type() => self.handle_stream_data(msg, now),
             MessageType::Acknowledge => {
-                let ack: AcknowledgeContent = payload::from_json("acknowledge", &msg.payload)?;
-                self.handle_ack(&ack, now);
+                let ack: AcknowledgedSequence = payload::from_json("acknowledge", &msg.payload)?;
+                self.handle_ack(ack.sequence_number, now);
                 self.resume();
             }
             MessageType::ChannelClosed => {
@@ -530,13 +572,18 @@ impl Channel {
         Ok(())
     }
 
-    fn handle_ack(&mut self, ack: &AcknowledgeContent, now: Instant) {
-        let Some(out) = self.unacked.remove(&ack.sequence_number) else {
+    fn handle_ack(&mut self, sequence_number: i64, now: Instant) {
+        let Some(out) = self.unacked.remove(&sequence_number) else {
             self.stats.unknown_acks += 1;
             return;
         };
         self.stats.acks_received += 1;
         self.unacked_bytes -= out.payload_len;
+        self.last_ack_at = Some(now);
+        self.highest_acked = Some(
+            self.highest_acked
+                .map_or(sequence_number, |h| h.max(sequence_number)),
+        );
         // Karn's rule: a sample from a retransmitted message is ambiguous.
         if out.transmissions == 1
             && let Some(sent) = out.last_sent
@@ -604,7 +651,7 @@ impl Channel {
             created_date: self.clock.unix_ms(now),
             sequence_number: 0,
             flags: header_flags::ACK,
-            message_id: Uuid::new_v4(),
+            message_id: new_message_id(),
             payload_type: PayloadType::Undefined,
             payload: Bytes::from(payload::to_json(&content)),
         };
@@ -676,6 +723,13 @@ impl Channel {
     pub fn stats(&self) -> &ChannelStats {
         &self.stats
     }
+}
+
+/// A random (version 4) MessageId. The message ids only need to be unique, so they come
+/// from the thread's fast PRNG (seeded from the OS) rather than one `getrandom` system
+/// call per message, which was the busiest system call of a transfer.
+fn new_message_id() -> Uuid {
+    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid()
 }
 
 #[cfg(test)]
@@ -879,6 +933,44 @@ mod tests {
         c.handle_timeout(t1 + Duration::from_millis(200));
         assert_eq!(frames(&mut c), vec![first[1].clone()]);
         assert_eq!(c.stats().retransmissions, 2);
+    }
+
+    #[test]
+    fn queued_messages_are_not_resent_while_acks_flow_but_holes_are() {
+        let (mut c, mut a, now) = pair();
+        for i in 0..4u8 {
+            c.send(PayloadType::Output, Bytes::from(vec![i]), now)
+                .unwrap();
+        }
+        let f = frames(&mut c);
+        // The peer works through a queue: message 0 is acknowledged late, just before
+        // the RTO; 1..3 are still on their way when their timers expire.
+        let t = now + Duration::from_millis(199);
+        a.handle_frame(f[0].clone(), t).unwrap();
+        for ack in frames(&mut a) {
+            c.handle_frame(ack, t).unwrap();
+        }
+        c.handle_timeout(now + Duration::from_millis(200));
+        assert!(frames(&mut c).is_empty(), "queued, not lost: no resend");
+        assert_eq!(c.stats().deferred_retransmissions, 3);
+        // Message 3 arrives, 1 and 2 do not: a hole, resent when their timers expire
+        // again. Message 3 is acknowledged, so nothing else goes out.
+        let t3 = now + Duration::from_millis(250);
+        a.handle_frame(f[3].clone(), t3).unwrap();
+        for ack in frames(&mut a) {
+            c.handle_frame(ack, t3).unwrap();
+        }
+        let next = c.poll_timeout().unwrap();
+        c.handle_timeout(next);
+        assert_eq!(frames(&mut c), vec![f[1].clone(), f[2].clone()]);
+        // With no acknowledgement for an RTO, a message is resent (a stall).
+        let (mut c, _, now) = pair();
+        c.send(PayloadType::Output, Bytes::from_static(b"z"), now)
+            .unwrap();
+        let sent = frames(&mut c);
+        c.handle_timeout(now + Duration::from_millis(200));
+        assert_eq!(frames(&mut c), sent);
+        assert_eq!(c.stats().deferred_retransmissions, 0);
     }
 
     #[test]

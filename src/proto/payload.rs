@@ -186,6 +186,20 @@ pub struct AcknowledgeContent {
     pub is_sequential_message: bool,
 }
 
+/// The one field of an `acknowledge` payload a receiver uses: reading it alone skips
+/// the two strings of [`AcknowledgeContent`] without allocating them (one ack arrives
+/// per 1 KiB sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default)]
+pub struct AcknowledgedSequence {
+    /// SequenceNumber of the acknowledged message.
+    #[serde(
+        rename = "AcknowledgedMessageSequenceNumber",
+        deserialize_with = "null_default"
+    )]
+    pub sequence_number: i64,
+}
+
 /// The payload of `channel_closed` ([P] `clientmessage.go` `ChannelClosed`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]

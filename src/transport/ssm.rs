@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
@@ -820,19 +820,21 @@ impl Driver {
         let input = self.input_tx.clone();
         let chunk = self.config.max_payload.max(1024) * 16;
         tokio::spawn(async move {
-            let mut buf = vec![0u8; chunk];
+            // Read straight into the buffer the bytes leave in (no copy, no zero-fill):
+            // each read takes the spare room after the pieces already sent, and a new
+            // buffer comes once little room is left.
+            let mut buf = BytesMut::new();
             loop {
-                match rd.read(&mut buf).await {
+                if buf.capacity() < 2048 {
+                    buf.reserve(chunk);
+                }
+                match rd.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => {
                         let _ = input.send((key, None)).await;
                         return;
                     }
-                    Ok(n) => {
-                        if input
-                            .send((key, Some(Bytes::copy_from_slice(&buf[..n]))))
-                            .await
-                            .is_err()
-                        {
+                    Ok(_) => {
+                        if input.send((key, Some(buf.split().freeze()))).await.is_err() {
                             return;
                         }
                     }

@@ -136,7 +136,7 @@ pub async fn dial_via(
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio_tungstenite::client_async_tls_with_config(request, stream, None, None)
+        tokio_tungstenite::client_async_tls_with_config(request, stream, Some(ws_config()), None)
             .await
             .map_err(|e| DialError::Connect(Box::new(e)))
     };
@@ -145,6 +145,15 @@ pub async fn dial_via(
         Ok(Err(e)) => Err(e),
         Ok(Ok((socket, _response))) => Ok(socket),
     }
+}
+
+/// Websocket settings: a 32 KiB read buffer instead of tungstenite's 128 KiB, which it
+/// zero-fills before every read; most reads return one or a few frames of about 1 KiB
+/// (the service's messages carry at most 1 KiB of data, and every one is acknowledged),
+/// so the fill cost more than the reads themselves (4.5% of the daemon's CPU time in an
+/// upload profile).
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(32 * 1024)
 }
 
 /// Largest proxy reply head we read.

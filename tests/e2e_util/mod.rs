@@ -448,7 +448,18 @@ impl DaemonProcess {
         std::fs::write(&cfg, config).expect("write config");
         let socket = dir.join("control.sock");
         let log = dir.join("bastiond.log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_bastiond"));
+        // `BASTIOND_WRAPPER="valgrind --tool=callgrind"` runs the daemon under a tool
+        // (for profiles; benches/tunnel.rs).
+        let wrapper = std::env::var("BASTIOND_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(tool) => {
+                let mut c = Command::new(tool);
+                c.args(words).arg(env!("CARGO_BIN_EXE_bastiond"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_bastiond")),
+        };
         command
             .args(["run", "--config"])
             .arg(&cfg)

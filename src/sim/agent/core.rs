@@ -19,9 +19,10 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
 use super::datachannel::{DataChannel, HandlerResult, RESEND_INTERVAL};
+use super::pacer::sleep_precise;
 use super::port::{Basic, Mux, PortParams};
 use super::shell::Shell;
 use super::{AgentConfig, AgentExit, ExitReason, SessionKind};
@@ -253,7 +254,7 @@ impl Agent {
                     }
                 }
                 Some(d) = data.recv(), if remote_ok => self.on_remote_data(d, Instant::now()),
-                _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {
+                _ = sleep_precise(wake.unwrap_or(now)), if wake.is_some() => {
                     self.on_timers(Instant::now());
                 }
             }

@@ -12,6 +12,7 @@
 //!   the session lifecycle, and every client protocol violation we can see.
 //! * `port`: the port plugin, mux (smux v1 server, one dial per stream) and basic.
 //! * `shell`: Standard_Stream, `sh` in a pty.
+//! * `pacer`: the pumps' 1 ms pause with the precision of Go's `time.Sleep`.
 //!
 //! Not modelled: KMS encryption (port sessions are never encrypted; shell sessions here
 //! run unencrypted), InteractiveCommands/NonInteractiveCommands, RunAs users, session
@@ -21,6 +22,7 @@
 
 mod core;
 mod datachannel;
+mod pacer;
 mod port;
 mod shell;
 #[cfg(test)]
