@@ -27,7 +27,7 @@ fn profile(name: &str, remote_port: u16, local_port: u16, extra: &str) -> String
 
 async fn wait_listening(port: u16, d: &DaemonProcess) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !d.listening_on(port) {
         assert!(
             Instant::now() < deadline,
             "no listener; log:\n{}",
@@ -408,7 +408,11 @@ async fn a_refused_resume_closes_connections_with_the_reason_and_the_next_one_wo
     let closed_after = cut_at.elapsed();
     let s = status(&d, "refused");
     let err = s["last_error"].as_str().unwrap_or_default().to_owned();
-    assert!(err.contains("resume refused"), "{s}");
+    assert!(
+        err.contains("resume refused"),
+        "{s}\ndaemon log:\n{}",
+        d.log_text()
+    );
     // The next connection gets a new session.
     sim.update_faults(|f| *f = Faults::default()).unwrap();
     let took = echo_round_trip(local, b"hello again").await;

@@ -42,13 +42,11 @@ pub fn start(config: &str, sim: &SimHandle) -> DaemonProcess {
     DaemonProcess::start_with_env(config, &sim.endpoint_url(), &[("RUST_LOG", "warn")])
 }
 
-/// Waits until something listens on `port`.
-pub async fn wait_listening(port: u16) {
+/// Waits until the daemon reports a listener on `port` (no TCP probe: a connection
+/// would start a session).
+pub async fn wait_listening(port: u16, d: &DaemonProcess) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
+    while !d.listening_on(port) {
         assert!(Instant::now() < deadline, "nothing listens on {port}");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -141,7 +139,7 @@ impl Tunnel {
             .chain(striped.map(|s| s.1))
             .chain(pg_local)
         {
-            wait_listening(p).await;
+            wait_listening(p, &daemon).await;
         }
         Tunnel {
             daemon,
@@ -160,16 +158,21 @@ impl Tunnel {
         let ctl = env!("CARGO_BIN_EXE_bastionctl");
         let socket = self.daemon.socket.clone();
         let t = Instant::now();
-        let status = tokio::process::Command::new(ctl)
+        let out = tokio::process::Command::new(ctl)
             .arg("--socket")
             .arg(&socket)
             .args(["open", "cold", "--warm"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
+            .output()
             .await
             .expect("run bastionctl");
-        assert!(status.success(), "bastionctl open --warm failed");
+        assert!(
+            out.status.success(),
+            "bastionctl open cold --warm failed ({}):\n{}{}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon.log_text()
+        );
         let mut c = connect(self.cold).await;
         c.write_all(b"x").await.expect("write");
         let mut b = [0u8; 1];
@@ -239,7 +242,7 @@ pub async fn idle_connections(
     let sessions_before = sim.sessions().len();
     let d = start(&config, sim);
     for l in &locals {
-        wait_listening(*l).await;
+        wait_listening(*l, &d).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let u = usage(d.child.id());

@@ -385,7 +385,7 @@ pub async fn echo_roundtrip(port: u16, len: usize) {
 /// Waits until the daemon listens on `port`.
 pub fn wait_listening(port: u16, d: &DaemonProcess) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !d.listening_on(port) {
         assert!(
             Instant::now() < deadline,
             "daemon never listened on {port}; log:\n{}",
@@ -507,6 +507,13 @@ impl DaemonProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True once the daemon reports a listener on `port` (asked over the control API:
+    /// a TCP probe would be a connection, and start a session).
+    pub fn listening_on(&self, port: u16) -> bool {
+        let (code, out, _) = self.ctl(&["--json", "list"]);
+        code == 0 && out.contains(&format!(":{port}\""))
     }
 
     /// What the daemon wrote to stdout.
