@@ -298,7 +298,7 @@ async fn run(inv: Invocation) -> Result<(), String> {
                 return Ok(());
             }
             accepted = listener.accept() => {
-                let (mut conn, peer) = match accepted {
+                let (conn, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -316,8 +316,8 @@ async fn run(inv: Invocation) -> Result<(), String> {
                 let tunnel = tunnel.clone();
                 tokio::spawn(async move {
                     match tunnel.open_stream().await {
-                        Ok(mut stream) => {
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut stream).await {
+                        Ok(stream) => {
+                            if let Err(e) = crate::transport::relay::relay(conn, stream).await {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
                         }

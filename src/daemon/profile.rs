@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::transport::relay::{LocalConnection, relay};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio::task::JoinHandle;
@@ -385,10 +385,7 @@ impl ProfileRuntime {
         Ok(())
     }
 
-    fn spawn_connection<S>(self: Arc<Self>, conn: S, peer: String)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    fn spawn_connection<C: LocalConnection>(self: Arc<Self>, conn: C, peer: String) {
         let open = self.connections.fetch_add(1, Ordering::Relaxed);
         if open >= self.profile.max_connections {
             self.connections.fetch_sub(1, Ordering::Relaxed);
@@ -419,12 +416,9 @@ impl ProfileRuntime {
         );
     }
 
-    async fn serve_connection<S>(&self, mut conn: S) -> Result<(u64, u64), ApiError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    async fn serve_connection<C: LocalConnection>(&self, conn: C) -> Result<(u64, u64), ApiError> {
         let mut claim = self.claim_session().await?;
-        let mut stream = match claim.tunnel.open_stream().await {
+        let stream = match claim.tunnel.open_stream().await {
             Ok(s) => s,
             Err(first) => {
                 // The session may have ended a moment ago: one fresh attempt.
@@ -440,7 +434,7 @@ impl ProfileRuntime {
             }
         };
         debug!(session_id = %claim.tunnel.session_id(), "connection on session");
-        let result = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+        let result = relay(conn, stream).await;
         drop(claim);
         match result {
             Ok(totals) => Ok(totals),

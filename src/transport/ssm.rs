@@ -1,10 +1,10 @@
 //! The IO driver of one Session Manager session: a tokio task that owns the websocket,
 //! the sans-IO [`ClientSession`] and (in mux mode) the smux client, and hands out one
-//! [`DuplexStream`] per tunnelled connection.
+//! [`TunnelStream`] per tunnelled connection ([`super::relay`] connects it to a socket).
 //!
-//! Data path: user bytes -> per-stream reader task -> smux PSH frames -> 1 KiB PT 1
-//! messages -> websocket; and back: websocket -> in-order PT 1 payloads -> smux ->
-//! per-stream writer task -> user. Every buffer on the way is bounded; when one fills,
+//! Data path: user bytes -> [`Upstream`] -> smux PSH frames -> 1 KiB PT 1 messages ->
+//! websocket; and back: websocket -> in-order PT 1 payloads -> smux -> [`Downstream`]
+//! -> user. Every buffer on the way is bounded; when one fills,
 //! the stage before it stops (the channel window for uploads, withheld acks for
 //! downloads, see [`crate::proto::channel::Channel::set_receive_ready`]).
 
@@ -15,11 +15,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -95,8 +94,6 @@ pub struct TunnelConfig {
     pub probe_idle: Duration,
     /// See `probe_idle`.
     pub probe_timeout: Duration,
-    /// Capacity of each tunnelled connection's in-memory pipe.
-    pub stream_buffer: usize,
     /// Received bytes the smux session may hold for connections that have not read them
     /// yet, all streams together; past it the websocket is not read. smux v1 has no
     /// per-stream flow control, so this is what one stalled reader may take before the
@@ -116,7 +113,6 @@ impl Default for TunnelConfig {
             dead_after: Duration::from_secs(15),
             probe_idle: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(3),
-            stream_buffer: 64 * 1024,
             smux_receive_buffer: 16 * 1024 * 1024,
         }
     }
@@ -149,7 +145,7 @@ impl From<DialError> for TunnelError {
 }
 
 enum Command {
-    Open(oneshot::Sender<Result<DuplexStream, TunnelError>>),
+    Open(oneshot::Sender<Result<TunnelStream, TunnelError>>),
     Terminate(oneshot::Sender<()>),
 }
 
@@ -289,7 +285,7 @@ impl Tunnel {
 
     /// Opens a tunnelled connection to the session's remote host. In basic mode this
     /// waits until the previous connection has closed (one at a time, as the agent).
-    pub async fn open_stream(&self) -> Result<DuplexStream, TunnelError> {
+    pub async fn open_stream(&self) -> Result<TunnelStream, TunnelError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Open(tx))
@@ -431,6 +427,89 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Identifies a tunnelled connection: the smux stream id, or a counter in basic mode.
 type Key = u32;
 
+/// One tunnelled connection as the driver hands it out: [`Upstream`] takes the local
+/// client's bytes, [`Downstream`] yields the remote host's. Dropping both closes the
+/// connection on the remote side.
+pub struct TunnelStream {
+    /// Bytes toward the remote host.
+    pub up: Upstream,
+    /// Bytes from the remote host.
+    pub down: Downstream,
+}
+
+/// The sending half of a [`TunnelStream`].
+pub struct Upstream {
+    key: Key,
+    input: mpsc::Sender<(Key, Option<Bytes>)>,
+    capacity: Arc<Notify>,
+    finished: bool,
+}
+
+/// The session behind a [`TunnelStream`] has ended.
+#[derive(Debug, Error)]
+#[error("the session ended")]
+pub struct StreamClosed;
+
+impl Upstream {
+    /// Queues bytes for the remote host, waiting while the session's upload buffer is
+    /// full.
+    pub async fn send(&mut self, data: Bytes) -> Result<(), StreamClosed> {
+        self.input
+            .send((self.key, Some(data)))
+            .await
+            .map_err(|_| StreamClosed)
+    }
+
+    /// The local client has nothing more to send (a half-close: replies still come).
+    pub async fn finish(&mut self) {
+        if !std::mem::replace(&mut self.finished, true) {
+            let _ = self.input.send((self.key, None)).await;
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        // The end of input must follow the data already queued, never overtake it.
+        if let Err(mpsc::error::TrySendError::Full(m)) = self.input.try_send((self.key, None))
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let input = self.input.clone();
+            runtime.spawn(async move {
+                let _ = input.send(m).await;
+            });
+        }
+        self.capacity.notify_one();
+    }
+}
+
+/// The receiving half of a [`TunnelStream`].
+pub struct Downstream {
+    rx: mpsc::Receiver<Bytes>,
+    capacity: Arc<Notify>,
+}
+
+impl Downstream {
+    /// The next bytes from the remote host; `None` once it has finished sending (or
+    /// the session ended).
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let chunk = self.rx.recv().await;
+        // Room for the driver to deliver more.
+        self.capacity.notify_one();
+        chunk
+    }
+}
+
+impl Drop for Downstream {
+    fn drop(&mut self) {
+        // The driver sees the closed queue on its next turn: wake it.
+        self.capacity.notify_one();
+    }
+}
+
 struct Slot {
     to_user: mpsc::Sender<Bytes>,
     remote_fin: bool,
@@ -481,7 +560,7 @@ struct Driver {
     smux: Option<smux::Session>,
     streams: HashMap<Key, Slot>,
     basic: Option<Key>,
-    basic_waiters: Vec<oneshot::Sender<Result<DuplexStream, TunnelError>>>,
+    basic_waiters: Vec<oneshot::Sender<Result<TunnelStream, TunnelError>>>,
     next_basic_id: Key,
     queues: BasicQueues,
     input_tx: mpsc::Sender<(Key, Option<Bytes>)>,
@@ -507,8 +586,10 @@ const WRITER_QUEUE: usize = 256;
 /// `Close`), which would discard a reply still on its way; so the FIN waits until the
 /// remote host closes or has sent nothing for this long.
 pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(3);
-/// Chunk size moved from smux to a connection's writer task.
+/// Chunk size moved from smux to a connection's [`Downstream`].
 const DELIVERY_CHUNK: usize = 16 * 1024;
+/// Chunks a connection's [`Downstream`] may hold before delivery to it pauses.
+const DELIVERY_QUEUE: usize = 8;
 
 impl Driver {
     async fn run(mut self) -> String {
@@ -763,7 +844,7 @@ impl Driver {
         }
     }
 
-    fn open(&mut self, reply: oneshot::Sender<Result<DuplexStream, TunnelError>>) {
+    fn open(&mut self, reply: oneshot::Sender<Result<TunnelStream, TunnelError>>) {
         if let Some(why) = self.session.channel().close_reason() {
             let _ = reply.send(Err(TunnelError::Ended(format!("{why:?}"))));
             return;
@@ -813,46 +894,21 @@ impl Driver {
         }
     }
 
-    /// Creates the user's end of a connection and the two tasks that pump it.
-    fn attach(&mut self, key: Key) -> DuplexStream {
-        let (user, ours) = tokio::io::duplex(self.config.stream_buffer);
-        let (mut rd, mut wr) = tokio::io::split(ours);
-        let input = self.input_tx.clone();
-        let chunk = self.config.max_payload.max(1024) * 16;
-        tokio::spawn(async move {
-            // Read straight into the buffer the bytes leave in (no copy, no zero-fill):
-            // each read takes the spare room after the pieces already sent, and a new
-            // buffer comes once little room is left.
-            let mut buf = BytesMut::new();
-            loop {
-                if buf.capacity() < 2048 {
-                    buf.reserve(chunk);
-                }
-                match rd.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = input.send((key, None)).await;
-                        return;
-                    }
-                    Ok(_) => {
-                        if input.send((key, Some(buf.split().freeze()))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        let (to_user, mut from_driver) = mpsc::channel::<Bytes>(8);
-        let capacity = self.capacity.clone();
-        tokio::spawn(async move {
-            while let Some(b) = from_driver.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    break;
-                }
-                capacity.notify_one();
-            }
-            let _ = wr.shutdown().await;
-            capacity.notify_one();
-        });
+    /// Creates the user's ends of a connection (no task, no buffer until bytes move).
+    fn attach(&mut self, key: Key) -> TunnelStream {
+        let (to_user, from_driver) = mpsc::channel::<Bytes>(DELIVERY_QUEUE);
+        let user = TunnelStream {
+            up: Upstream {
+                key,
+                input: self.input_tx.clone(),
+                capacity: self.capacity.clone(),
+                finished: false,
+            },
+            down: Downstream {
+                rx: from_driver,
+                capacity: self.capacity.clone(),
+            },
+        };
         self.streams.insert(
             key,
             Slot {
