@@ -29,7 +29,8 @@
 //! start → first byte, its CPU per GiB and RSS.
 //!
 //! `BENCH_ONLY=transfer` runs just the unpaced upload and download (for profiling;
-//! `BASTIOND_WRAPPER` runs the daemon under a tool such as callgrind).
+//! `BASTIOND_WRAPPER` runs the daemon under a tool such as callgrind);
+//! `BENCH_ONLY=idle` just the idle connections' memory.
 //!
 //! Under `cargo test` it runs a small smoke pass (every transfer's SHA-256 checked, no
 //! timing asserted, pgbench skipped unless `BENCH_PGBENCH_SECS` is set) so the harness
@@ -432,18 +433,21 @@ async fn main() {
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "transfer") {
         return transfer_only(&measured[0], &data, plan.down).await;
     }
+    let idle_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "idle");
     let mut s = Samples::default();
     for run in 1..=plan.runs {
-        eprintln!("run {run}/{}: direct", plan.runs);
-        measure_direct(&mut s, servers, pg_port, &plan, &data).await;
-        for m in &measured {
-            eprintln!("run {run}/{}: {}", plan.runs, m.title);
-            measure_tunnel(&mut s, m, servers, &plan, &data).await;
-        }
-        if let Some(plugin) = &plan.plugin {
+        if !idle_only {
+            eprintln!("run {run}/{}: direct", plan.runs);
+            measure_direct(&mut s, servers, pg_port, &plan, &data).await;
             for m in &measured {
-                eprintln!("run {run}/{}: plugin, {}", plan.runs, m.title);
-                measure_plugin(&mut s, m, plugin, servers, &plan).await;
+                eprintln!("run {run}/{}: {}", plan.runs, m.title);
+                measure_tunnel(&mut s, m, servers, &plan, &data).await;
+            }
+            if let Some(plugin) = &plan.plugin {
+                for m in &measured {
+                    eprintln!("run {run}/{}: plugin, {}", plan.runs, m.title);
+                    measure_plugin(&mut s, m, plugin, servers, &plan).await;
+                }
             }
         }
         eprintln!("run {run}/{}: idle connections", plan.runs);

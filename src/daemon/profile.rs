@@ -21,7 +21,9 @@ use crate::ondemand::Host;
 use crate::ondemand::manager::{Bastions, Decision};
 use crate::proto::session::DataMode;
 use crate::proto::version::{REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION, agent_supports_remote_host};
-use crate::transport::ssm::{ResumeError, Resumer, Tunnel, TunnelConfig, TunnelStats};
+use crate::transport::ssm::{
+    ResumeError, Resumer, Tunnel, TunnelConfig, TunnelStats, TunnelStream,
+};
 
 /// Gives a profile its SSM API client (cached per AWS profile and region).
 pub type ApiProvider = Arc<
@@ -398,25 +400,41 @@ impl ProfileRuntime {
         }
         let id = self.total_connections.fetch_add(1, Ordering::Relaxed) + 1;
         let span = info_span!("connection", profile = %self.profile.name, id, peer = %peer);
-        tokio::spawn(
-            async move {
-                self.lock().last_activity = Instant::now();
-                let result = self.serve_connection(conn).await;
-                self.connections.fetch_sub(1, Ordering::Relaxed);
-                self.lock().last_activity = Instant::now();
-                match result {
-                    Ok((up, down)) => debug!(up, down, "connection closed"),
-                    Err(e) => {
-                        warn!(error = %e.message, "connection failed");
-                        self.lock().last_error = Some(e.message);
-                    }
+        let task = async move {
+            self.lock().last_activity = Instant::now();
+            let result = self.serve_connection(conn).await;
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            self.lock().last_activity = Instant::now();
+            match result {
+                Ok((up, down)) => debug!(up, down, "connection closed"),
+                Err(e) => {
+                    warn!(error = %e.message, "connection failed");
+                    self.lock().last_error = Some(e.message);
                 }
             }
-            .instrument(span),
-        );
+        }
+        .instrument(span);
+        tokio::spawn(task);
     }
 
     async fn serve_connection<C: LocalConnection>(&self, conn: C) -> Result<(u64, u64), ApiError> {
+        // Boxed: starting a session (AWS calls, maybe a bastion launch) is a large
+        // future, and a connection's task would otherwise keep its size for life.
+        let (claim, stream) = Box::pin(self.claim_stream()).await?;
+        debug!(session_id = %claim.tunnel.session_id(), "connection on session");
+        let result = relay(conn, stream).await;
+        drop(claim);
+        match result {
+            Ok(totals) => Ok(totals),
+            Err(e) => {
+                debug!(error = %e, "connection ended with an error");
+                Ok((0, 0))
+            }
+        }
+    }
+
+    /// A session for a new connection, and the connection's stream on it.
+    async fn claim_stream(&self) -> Result<(Claim<'_>, TunnelStream), ApiError> {
         let mut claim = self.claim_session().await?;
         let stream = match claim.tunnel.open_stream().await {
             Ok(s) => s,
@@ -433,16 +451,7 @@ impl ProfileRuntime {
                     .map_err(|e| user_error("session_failed", e.to_string()))?
             }
         };
-        debug!(session_id = %claim.tunnel.session_id(), "connection on session");
-        let result = relay(conn, stream).await;
-        drop(claim);
-        match result {
-            Ok(totals) => Ok(totals),
-            Err(e) => {
-                debug!(error = %e, "connection ended with an error");
-                Ok((0, 0))
-            }
-        }
+        Ok((claim, stream))
     }
 
     /// Picks the session for a new connection: the least loaded live one if it is idle

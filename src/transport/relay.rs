@@ -15,10 +15,12 @@ use tokio::net::{TcpStream, UnixStream, tcp, unix};
 
 use super::ssm::TunnelStream;
 
-/// Size of a read buffer; a read that leaves less room than [`MIN_ROOM`] takes a new one.
-const READ_CHUNK: usize = 16 * 1024;
-/// Spare room below which a read buffer is replaced.
-const MIN_ROOM: usize = 2048;
+/// Smallest read buffer, and the spare room below which a new one is taken. Reads
+/// start here: a query or a keystroke should not cost a large buffer, which the
+/// allocator would keep after a thousand connections each sent a few bytes at once.
+const READ_MIN: usize = 1024;
+/// Largest read buffer; a read that fills its buffer doubles the next one up to this.
+const READ_MAX: usize = 16 * 1024;
 
 /// The read half of a local connection: readiness, then non-blocking reads.
 pub trait ReadHalf: Send {
@@ -71,21 +73,29 @@ pub async fn relay<C: LocalConnection>(conn: C, stream: TunnelStream) -> io::Res
     let upload = async move {
         let mut total = 0u64;
         let mut buf = BytesMut::new();
+        let mut size = READ_MIN;
         loop {
             read.readable().await?;
-            if buf.capacity() - buf.len() < MIN_ROOM {
-                buf.reserve(READ_CHUNK);
+            if buf.capacity() - buf.len() < READ_MIN {
+                buf.reserve(size);
             }
+            let room = buf.capacity() - buf.len();
             match read.try_read_buf(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     total += n as u64;
+                    if n == room {
+                        size = (size * 2).min(READ_MAX);
+                    }
                     up.send(buf.split().freeze())
                         .await
                         .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))?;
                 }
                 // Drained: an idle connection keeps no buffer.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = BytesMut::new(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    buf = BytesMut::new();
+                    size = (size / 2).max(READ_MIN);
+                }
                 Err(e) => return Err(e),
             }
         }
