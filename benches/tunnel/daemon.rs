@@ -100,7 +100,9 @@ pub struct Tunnel {
     pub striped: [(usize, u16); 3],
     /// The PostgreSQL server (default `max_sessions`, 4), if any.
     pub pg: Option<u16>,
-    /// The echo server, `autostart = false` (for `bastionctl open --warm`).
+    /// The echo server, listening with no session yet (for `bastionctl open --warm`).
+    /// It listens from the start: a port left unbound until the measurement could be
+    /// handed to another daemon of the run by its free-port pick (`open` then fails).
     pub cold: u16,
 }
 
@@ -126,7 +128,7 @@ impl Tunnel {
         let mut config = profile("sink", servers.sink, sink, Some(1), true)
             + &profile("source", servers.source, source, Some(1), true)
             + &profile("echo", servers.echo, echo, Some(1), true)
-            + &profile("cold", servers.echo, cold, Some(1), false);
+            + &profile("cold", servers.echo, cold, Some(1), true);
         for (m, local) in striped {
             config += &profile(&format!("source{m}"), servers.source, local, Some(m), true);
         }
@@ -134,7 +136,7 @@ impl Tunnel {
             config += &profile("pg", remote, local, None, true);
         }
         let daemon = start(&config, sim);
-        for p in [sink, source, echo]
+        for p in [sink, source, echo, cold]
             .into_iter()
             .chain(striped.map(|s| s.1))
             .chain(pg_local)
@@ -153,7 +155,7 @@ impl Tunnel {
     }
 
     /// `bastionctl open cold --warm`, then a new connection's first byte back; the
-    /// profile is closed again afterwards.
+    /// session is closed again afterwards.
     pub async fn open_warm_to_first_byte(&self) -> Duration {
         let ctl = env!("CARGO_BIN_EXE_bastionctl");
         let socket = self.daemon.socket.clone();
@@ -179,8 +181,11 @@ impl Tunnel {
         c.read_exact(&mut b).await.expect("read");
         let took = t.elapsed();
         drop(c);
+        // Closed (the session ends) and listening again at once, with no session.
         let (code, _, err) = self.daemon.ctl(&["close", "cold"]);
         assert_eq!(code, 0, "bastionctl close: {err}");
+        let (code, _, err) = self.daemon.ctl(&["open", "cold"]);
+        assert_eq!(code, 0, "bastionctl open: {err}");
         took
     }
 }
