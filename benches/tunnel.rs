@@ -416,7 +416,9 @@ async fn main() {
         .expect("sim")
         .spawn();
         let tunnel = Tunnel::start(&sim, servers, pg_port).await;
-        // Warm: each profile's first connection starts its sessions.
+        // Warm: sessions up before anything is timed (`open --warm`, or each profile's
+        // first connections).
+        tunnel.warm(&["sink", "source", "pg"]);
         let _ = round_trips(tunnel.echo, 10).await;
         for (_, port) in tunnel.striped {
             aggregate_download(port, 8, 64 << 10).await;

@@ -154,6 +154,18 @@ impl Tunnel {
         }
     }
 
+    /// `bastionctl open NAME --warm` for each of `names` the daemon has: their first
+    /// session is up.
+    pub fn warm(&self, names: &[&str]) {
+        for name in names {
+            if *name == "pg" && self.pg.is_none() {
+                continue;
+            }
+            let (code, _, err) = self.daemon.ctl(&["open", name, "--warm"]);
+            assert_eq!(code, 0, "bastionctl open {name} --warm: {err}");
+        }
+    }
+
     /// `bastionctl open cold --warm`, then a new connection's first byte back; the
     /// session is closed again afterwards.
     pub async fn open_warm_to_first_byte(&self) -> Duration {
