@@ -38,6 +38,7 @@ pub mod faults;
 pub mod introspect;
 pub mod service;
 pub mod session;
+pub mod sigv4;
 
 use std::future::Future;
 use std::net::SocketAddr;
