@@ -15,7 +15,7 @@ use std::time::Duration;
 use bastion::config::Config;
 use bastion::daemon::Daemon;
 use bastion::daemon::control::{self, SocketAccess};
-use bastion::sim::{Ec2Targets, Faults, SimConfig, Simulator, TargetPolicy};
+use bastion::sim::{Credential, Ec2Targets, Faults, SimConfig, Simulator, TargetPolicy};
 use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -67,7 +67,7 @@ struct SimArgs {
     /// Address to listen on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0", env = "BASTION_SIM_LISTEN")]
     listen: SocketAddr,
-    /// Allow a --listen address that is not loopback (the simulator checks no
+    /// Allow a --listen address that is not loopback (the simulator's API checks no
     /// credentials).
     #[arg(long)]
     allow_non_loopback: bool,
@@ -109,6 +109,41 @@ struct SimArgs {
     /// Initial fault knobs as JSON (the body of POST /sim/faults).
     #[arg(long)]
     faults: Option<String>,
+    /// A credential the data plane accepts upgrade signatures from:
+    /// `AKID:SECRET` or `AKID:SECRET:SESSION_TOKEN` (repeatable).
+    #[arg(long = "credential", value_name = "AKID:SECRET[:TOKEN]")]
+    credentials: Vec<String>,
+    /// The region upgrade signatures must be scoped to.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Accept unsigned websocket upgrades (clients before plugin 1.2.764.0).
+    #[arg(long)]
+    allow_unsigned_upgrades: bool,
+    /// Hand out presigned StreamUrls (query-string SigV4 made by the simulator).
+    #[arg(long)]
+    presigned_stream_urls: bool,
+    /// Accept an upgrade that uses a cell-number superseded by ResumeSession (plugins
+    /// 1.2.764.0-1.2.814.0 re-dial the original StreamUrl).
+    #[arg(long)]
+    allow_superseded_cells: bool,
+    /// Lowest ClientVersion that is not a violation (`none`: no floor).
+    #[arg(long, default_value = bastion::sim::DEFAULT_MIN_CLIENT_VERSION)]
+    min_client_version: String,
+}
+
+/// `AKID:SECRET[:TOKEN]` (a secret may not contain `:`; AWS secrets never do).
+fn parse_credential(s: &str) -> Result<(String, Credential), String> {
+    let mut parts = s.splitn(3, ':');
+    let akid = parts.next().unwrap_or_default();
+    let secret = parts.next().unwrap_or_default();
+    if akid.is_empty() || secret.is_empty() {
+        return Err(format!("--credential {akid:?}...: expected AKID:SECRET[:TOKEN]"));
+    }
+    let credential = Credential {
+        secret_access_key: secret.to_owned(),
+        session_token: parts.next().filter(|t| !t.is_empty()).map(str::to_owned),
+    };
+    Ok((akid.to_owned(), credential))
 }
 
 fn nonzero_secs(s: u64) -> Option<Duration> {
@@ -119,7 +154,7 @@ impl SimArgs {
     fn config(&self) -> Result<SimConfig, String> {
         if !self.listen.ip().is_loopback() && !self.allow_non_loopback {
             return Err(format!(
-                "refusing to listen on non-loopback address {} (the simulator checks no \
+                "refusing to listen on non-loopback address {} (the simulator's API checks no \
                  credentials); pass --allow-non-loopback to override",
                 self.listen
             ));
@@ -152,6 +187,17 @@ impl SimArgs {
             },
             token_ttl: Duration::from_secs(self.token_ttl_secs.max(1)),
             faults,
+            region: self.region.clone(),
+            credentials: self
+                .credentials
+                .iter()
+                .map(|c| parse_credential(c))
+                .collect::<Result<_, _>>()?,
+            require_signed_upgrades: !self.allow_unsigned_upgrades,
+            presigned_stream_urls: self.presigned_stream_urls,
+            expire_superseded_cells: !self.allow_superseded_cells,
+            min_client_version: (!self.min_client_version.eq_ignore_ascii_case("none"))
+                .then(|| self.min_client_version.clone()),
             ..SimConfig::default()
         })
     }
@@ -408,13 +454,19 @@ fn free_local_port(preferred: u16) -> u16 {
         .unwrap_or(preferred)
 }
 
+/// The demo daemon's credentials, registered with the demo's simulator so that its
+/// signed upgrades verify.
+const DEMO_ACCESS_KEY_ID: &str = "AKIDDEMO";
+const DEMO_SECRET: &str = "demo-secret";
+
 fn run_demo() -> ExitCode {
     init_logging();
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
     rt.block_on(async move {
-        let sim = match Simulator::bind(SimConfig::default()).await {
+        let config = SimConfig::default().with_credential(DEMO_ACCESS_KEY_ID, DEMO_SECRET, None);
+        let sim = match Simulator::bind(config).await {
             Ok(s) => s.spawn(),
             Err(e) => {
                 eprintln!("bastiond demo: cannot start the simulator: {e}");
@@ -460,8 +512,8 @@ fn run_demo() -> ExitCode {
             .arg("--socket")
             .arg(&socket)
             .env("AWS_ENDPOINT_URL_SSM", sim.endpoint_url())
-            .env("AWS_ACCESS_KEY_ID", "AKIDDEMO")
-            .env("AWS_SECRET_ACCESS_KEY", "demo-secret")
+            .env("AWS_ACCESS_KEY_ID", DEMO_ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", DEMO_SECRET)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env_remove("AWS_PROFILE")

@@ -13,6 +13,11 @@ pub fn unix_ms() -> u64 {
         .max(1)
 }
 
+/// Whole seconds since the Unix epoch (SigV4 dates).
+pub fn unix_secs() -> i64 {
+    i64::try_from(unix_ms() / 1000).unwrap_or(i64::MAX)
+}
+
 /// Epoch seconds with a fraction: the AWS JSON 1.1 timestamp format.
 pub fn epoch_seconds(ms: u64) -> f64 {
     ms as f64 / 1000.0

@@ -8,6 +8,8 @@
 //!  client ws ◀─writer─ attachment ◀─to_client pump (faults)◀─ to_client ◀─ agent
 //! ```
 //!
+//! * Before the upgrade, [`admission`] checks the request's SigV4 signature and
+//!   cell-number; a refused upgrade gets HTTP 403 and never becomes a websocket.
 //! * The first websocket message must be the TEXT `OpenDataChannelInput` with the
 //!   session's current token; tokens are single-use and expire ([`SimConfig::token_ttl`]).
 //!   A bad token is a [`ViolationKind::BadToken`] and the socket is closed with 1008.
@@ -31,7 +33,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
@@ -41,11 +43,13 @@ use tokio::time::{Instant, sleep_until};
 use uuid::Uuid;
 
 use super::Shared;
+use super::admission;
 use super::agent::{self, AgentConfig, AgentExit, SessionKind};
 use super::clock;
 use super::faults::{Direction, FaultPipe};
 use super::report::ViolationKind;
 use super::session::{Attachment, SimSession, Status, ToAgent, WsCommand};
+use super::sigv4;
 use crate::proto::kind::{MessageType, PayloadType};
 use crate::proto::message::ClientMessage;
 use crate::proto::payload::{ChannelClosed, OpenDataChannelInput, to_json};
@@ -75,14 +79,28 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Checks the upgrade ([`admission::admit`]: signature, cell-number) before upgrading;
+/// a refusal is a 403 with a one-line text body.
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     Path(session_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let Some(session) = shared.session(&session_id) else {
         return (StatusCode::NOT_FOUND, "unknown session").into_response();
     };
+    let req = sigv4::Request {
+        method: method.as_str(),
+        path: uri.path(),
+        query: uri.query().unwrap_or_default(),
+        headers: &headers,
+    };
+    if let Err(refusal) = admission::admit(&shared, &session, &req, clock::unix_secs()) {
+        return (StatusCode::FORBIDDEN, format!("{refusal}\n")).into_response();
+    }
     ws.on_upgrade(move |socket| connection(shared, session, socket))
 }
 
@@ -257,6 +275,12 @@ async fn open_data_channel(
             "ClientVersion is missing",
         );
     }
+    admission::check_client_version(
+        report,
+        shared.config.min_client_version.as_deref(),
+        "OpenDataChannel",
+        &input.client_version,
+    );
     if let Err(e) = session.consume_token(&input.token_value) {
         report.violation(
             ViolationKind::BadToken,
@@ -509,6 +533,7 @@ fn start_runtime(
         let mut cfg = AgentConfig::default();
         cfg.agent_version = shared.config.agent_version.clone();
         cfg.pacing = shared.config.agent_pacing;
+        cfg.min_client_version = shared.config.min_client_version.clone();
         cfg.handshake_delay = faults
             .handshake_delay_ms
             .map_or(shared.config.agent_handshake_delay, Duration::from_millis);

@@ -4,6 +4,8 @@
 //!
 //! * [`service`]: `POST /` with `X-Amz-Target: AmazonSSM.<Op>`: StartSession,
 //!   ResumeSession, TerminateSession, DescribeSessions, DescribeInstanceInformation.
+//! * [`admission`]: what a websocket upgrade must show before it is upgraded (a SigV4
+//!   signature checked by [`sigv4`], a current cell-number) and the ClientVersion floor.
 //! * [`dataplane`]: `GET /v1/data-channel/{session_id}`: websocket, OpenDataChannel and
 //!   token check, relay to and from the agent ([`agent`]), resume, recycle, idle timeout.
 //! * [`faults`]: drop / duplicate / reorder / delay messages, cut websockets, refuse
@@ -31,6 +33,7 @@
 pub mod agent;
 pub mod report;
 
+pub mod admission;
 pub mod clock;
 pub mod dataplane;
 pub mod ec2;
@@ -54,7 +57,9 @@ use tokio::task::JoinHandle;
 pub use ec2::Ec2Targets;
 pub use faults::{DirectionFaults, Faults};
 pub use report::{Counters, SessionReport, Violation, ViolationKind};
+pub use admission::{Refusal, RefusalKind, UpgradeRecord};
 pub use session::SessionSnapshot;
+pub use sigv4::{AuthKind, Credential, Credentials};
 
 use session::SimSession;
 
@@ -137,6 +142,50 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Account id used in Owner ARNs. Default `123456789012`.
     pub account_id: String,
+    /// The region of this endpoint: upgrade signatures must be scoped to it (the plugin
+    /// signs for argv\[2\], the CLI's region). Default `us-east-1`.
+    pub region: String,
+    /// The secrets the data plane knows, by access key id. Default empty: register
+    /// the credentials the client under test is given ([`SimConfig::with_credential`]).
+    pub credentials: Credentials,
+    /// Refuse (403) a websocket upgrade that is not SigV4-signed by one of
+    /// `credentials` (or, with `presigned_stream_urls`, by the simulator's presigned
+    /// URL). Default true; false for clients that do not sign (plugin before 1.2.764.0).
+    pub require_signed_upgrades: bool,
+    /// StartSession / ResumeSession StreamUrls carry query-string SigV4 auth made by
+    /// the simulator; an upgrade must present it and no `Authorization` header.
+    /// Default false (the service's StreamUrls seen in 2025-2026 are not presigned).
+    pub presigned_stream_urls: bool,
+    /// Refuse (403) an upgrade whose cell-number a later ResumeSession replaced.
+    /// Default true; false for plugins 1.2.764.0-1.2.814.0, which re-dial the original
+    /// StreamUrl.
+    pub expire_superseded_cells: bool,
+    /// A ClientVersion (OpenDataChannel, HandshakeResponse) below this is a
+    /// `ClientVersionUnsupported` violation. Default `Some("1.2.764.0")`; `None` off.
+    pub min_client_version: Option<String>,
+}
+
+/// The oldest client AWS supports (the first plugin that signs upgrades, delta sheet
+/// §2.6).
+pub const DEFAULT_MIN_CLIENT_VERSION: &str = "1.2.764.0";
+
+impl SimConfig {
+    /// Registers a credential (`session_token` for temporary credentials).
+    pub fn with_credential(
+        mut self,
+        access_key_id: &str,
+        secret_access_key: &str,
+        session_token: Option<&str>,
+    ) -> SimConfig {
+        self.credentials.insert(
+            access_key_id.to_owned(),
+            Credential {
+                secret_access_key: secret_access_key.to_owned(),
+                session_token: session_token.map(str::to_owned),
+            },
+        );
+        self
+    }
 }
 
 impl Default for SimConfig {
@@ -155,6 +204,12 @@ impl Default for SimConfig {
             open_timeout: Duration::from_secs(30),
             faults: Faults::default(),
             account_id: "123456789012".to_owned(),
+            region: "us-east-1".to_owned(),
+            credentials: Credentials::new(),
+            require_signed_upgrades: true,
+            presigned_stream_urls: false,
+            expire_superseded_cells: true,
+            min_client_version: Some(DEFAULT_MIN_CLIENT_VERSION.to_owned()),
         }
     }
 }
@@ -172,6 +227,8 @@ pub(crate) struct Shared {
     pub next_ordinal: AtomicU64,
     pub next_conn_id: AtomicU64,
     pub shutting_down: AtomicBool,
+    /// The simulator's own key for presigned StreamUrls.
+    pub presign_keys: Credentials,
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -233,6 +290,7 @@ impl Simulator {
             next_ordinal: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
+            presign_keys: admission::new_presigner(),
         });
         Ok(Simulator { listener, shared })
     }

@@ -39,6 +39,10 @@ pub struct Counters {
     pub connections: u64,
     /// Frames dropped, duplicated or delayed by fault knobs.
     pub faults_injected: u64,
+    /// Websocket upgrades refused with 403 (signature or cell-number).
+    pub upgrades_refused: u64,
+    /// Websocket upgrades that carried no signature at all (accepted or not).
+    pub unsigned_upgrades: u64,
 }
 
 /// The kind of a protocol violation by the client.
@@ -69,6 +73,11 @@ pub enum ViolationKind {
     EmptyPayload,
     /// A malformed smux frame from the client.
     SmuxProtocol,
+    /// A websocket upgrade refused with 403 (unsigned, bad signature, stale or unknown
+    /// cell-number); the detail says which.
+    UpgradeRefused,
+    /// A ClientVersion below the configured minimum.
+    ClientVersionUnsupported,
     /// Anything else; see the detail.
     Other,
 }

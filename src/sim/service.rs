@@ -1,8 +1,10 @@
 //! The SSM service API, AWS JSON 1.1: `POST /` with `X-Amz-Target: AmazonSSM.<Op>`.
 //!
-//! Shapes follow botocore's `ssm/2014-11-06/service-2.json` (\[C\]). SigV4 is accepted and
-//! not checked; the access key id in `Authorization` only names the caller (session ids
-//! are `<caller>-<17 hex digits>`, like the service's).
+//! Shapes follow botocore's `ssm/2014-11-06/service-2.json` (\[C\]). SigV4 on these API
+//! calls is accepted and not checked (the data plane checks its upgrades, see
+//! [`super::admission`]); the access key id in `Authorization` only names the caller
+//! (session ids are `<caller>-<17 hex digits>`, like the service's). Every StartSession
+//! and ResumeSession answer has a StreamUrl with a fresh cell-number.
 //!
 //! Errors use the AWS JSON 1.1 shape the SDKs parse: HTTP 400 (500 for
 //! `InternalServerError`) with `X-Amzn-ErrorType: <Code>` and the body
@@ -25,7 +27,7 @@ use serde_json::{Value, json};
 use super::clock::{epoch_seconds, parse_iso8601, unix_ms};
 use super::ec2::Ec2Instance;
 use super::session::SimSession;
-use super::{Shared, TargetPolicy, dataplane, is_instance_id};
+use super::{Shared, TargetPolicy, admission, dataplane, is_instance_id};
 use crate::proto::version::agent_version_compare;
 
 /// Content type of AWS JSON 1.1 requests and responses.
@@ -175,20 +177,6 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             e.into_response()
         }
     }
-}
-
-fn stream_url(shared: &Shared, headers: &HeaderMap, session_id: &str) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| {
-            !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| shared.local_addr.to_string());
-    format!("ws://{host}/v1/data-channel/{session_id}?role=publish_subscribe")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -434,7 +422,7 @@ fn start_session(
     Ok(json!({
         "SessionId": session.id,
         "TokenValue": token,
-        "StreamUrl": stream_url(shared, headers, &session.id),
+        "StreamUrl": admission::issue_stream_url(shared, headers, &session),
     }))
 }
 
@@ -483,7 +471,7 @@ fn resume_session(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<V
     Ok(json!({
         "SessionId": id,
         "TokenValue": token,
-        "StreamUrl": stream_url(shared, headers, &id),
+        "StreamUrl": admission::issue_stream_url(shared, headers, &session),
     }))
 }
 

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::admission::{self, UpgradeRecord};
 use super::clock;
 use super::report::{Counters, SessionReport, Violation};
 use crate::proto::message::sha256;
@@ -120,6 +121,10 @@ pub(crate) struct Inner {
     pub final_output: Option<String>,
     pub exit_reason: Option<String>,
     pub cuts: u64,
+    /// Cell numbers issued (StartSession, then each ResumeSession); the last is current.
+    pub cells: Vec<String>,
+    /// Every websocket upgrade of this session.
+    pub upgrades: Vec<UpgradeRecord>,
 }
 
 /// One session.
@@ -178,6 +183,10 @@ pub struct SessionSnapshot {
     pub counters: Counters,
     /// Protocol violations detected, in order.
     pub violations: Vec<Violation>,
+    /// The cell-number of the newest StreamUrl.
+    pub cell_number: Option<String>,
+    /// Every websocket upgrade, in order: cell-number, access key id, auth, outcome.
+    pub upgrades: Vec<UpgradeRecord>,
 }
 
 impl SimSession {
@@ -220,6 +229,8 @@ impl SimSession {
                 final_output: None,
                 exit_reason: None,
                 cuts: 0,
+                cells: Vec::new(),
+                upgrades: Vec::new(),
             }),
             last_activity: Mutex::new(now),
             stop: watch::channel(false).0,
@@ -267,6 +278,13 @@ impl SimSession {
         value
     }
 
+    /// Issues a new cell number; earlier ones are superseded.
+    pub fn issue_cell(&self) -> String {
+        let cell = admission::new_cell_number();
+        self.lock().cells.push(cell.clone());
+        cell
+    }
+
     /// Checks a token from OpenDataChannel and consumes it on success.
     pub fn consume_token(&self, value: &str) -> Result<(), TokenError> {
         let mut inner = self.lock();
@@ -303,6 +321,8 @@ impl SimSession {
             exit_reason: inner.exit_reason.clone(),
             counters: self.report.counters(),
             violations: self.report.violations(),
+            cell_number: inner.cells.last().cloned(),
+            upgrades: inner.upgrades.clone(),
         }
     }
 }

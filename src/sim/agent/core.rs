@@ -909,6 +909,12 @@ impl Agent {
             }
         }
         self.client_version = resp.client_version.clone();
+        crate::sim::admission::check_client_version(
+            &self.env.report,
+            self.cfg.min_client_version.as_deref(),
+            "HandshakeResponse",
+            &self.client_version,
+        );
         if let Some(e) = error {
             self.env
                 .violation(ViolationKind::BadHandshakeResponse, e.clone());

@@ -53,6 +53,9 @@ pub struct AgentConfig {
     pub handshake_delay: Duration,
     /// The session document's plugin.
     pub kind: SessionKind,
+    /// A HandshakeResponse ClientVersion below this is a `ClientVersionUnsupported`
+    /// violation (the session goes on). Default `None` (no floor).
+    pub min_client_version: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -62,6 +65,7 @@ impl Default for AgentConfig {
             pacing: Duration::from_millis(1),
             handshake_delay: Duration::ZERO,
             kind: SessionKind::Shell,
+            min_client_version: None,
         }
     }
 }
