@@ -278,6 +278,18 @@ impl SsmApi {
         }
     }
 
+    /// The signer of the data-channel upgrades of this client's sessions: its region
+    /// and its credential chain, resolved afresh at every dial.
+    pub fn upgrade_signer(&self) -> Option<crate::transport::upgrade_sign::UpgradeSigner> {
+        let conf = self.client.config();
+        let region = conf.region()?.to_string();
+        #[allow(deprecated)]
+        let provider = conf.credentials_provider()?;
+        Some(crate::transport::upgrade_sign::UpgradeSigner::new(
+            region, provider,
+        ))
+    }
+
     /// StartSession.
     pub async fn start_session(&self, req: &StartRequest) -> Result<SessionTicket, AwsError> {
         let out = self
@@ -305,7 +317,10 @@ impl SsmApi {
 
     /// ResumeSession: returns the new TokenValue (empty when the session timed out, as
     /// [P] `sessionhandler.go` fn `ResumeSessionHandler` treats it).
-    pub async fn resume_session(&self, session_id: &str) -> Result<String, AwsError> {
+    pub async fn resume_session(
+        &self,
+        session_id: &str,
+    ) -> Result<crate::transport::ssm::Resumed, AwsError> {
         let out = self
             .client
             .resume_session()
@@ -313,7 +328,13 @@ impl SsmApi {
             .send()
             .await
             .map_err(map_err)?;
-        Ok(out.token_value().unwrap_or_default().to_owned())
+        Ok(crate::transport::ssm::Resumed {
+            token_value: out.token_value().unwrap_or_default().to_owned(),
+            stream_url: out
+                .stream_url()
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned),
+        })
     }
 
     /// GetParameter (e.g. `/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64`,

@@ -853,7 +853,9 @@ impl ProfileRuntime {
             })
         });
         let session_id = ticket.session_id.clone();
-        match Tunnel::connect(ticket, self.tunnel_config.clone(), Some(resumer)).await {
+        let mut tunnel_config = self.tunnel_config.clone();
+        tunnel_config.signer = api.upgrade_signer();
+        match Tunnel::connect(ticket, tunnel_config, Some(resumer)).await {
             Ok(t) => {
                 let agent = t.info().agent_version.clone();
                 if self.profile.document == DOC_REMOTE_HOST && !agent_supports_remote_host(&agent) {

@@ -24,7 +24,7 @@ use std::cmp::Ordering;
 /// uses mux, [`agent_uses_mux_for_client`]) and `> 1.2.331.0` (so the agent disables smux
 /// keepalive, [`agent_disables_keepalive_for_client`]): exactly what a current plugin
 /// gets. Note that the placeholder `1.2.0.0` would get mux *with* agent keepalive.
-pub const DEFAULT_CLIENT_VERSION: &str = "1.2.650.0";
+pub const DEFAULT_CLIENT_VERSION: &str = "1.2.896.0";
 
 /// Agents strictly newer than this support TCP multiplexing: [P] `src/config/config.go`
 /// const `TCPMultiplexingSupportedAfterThisAgentVersion`.

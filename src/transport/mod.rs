@@ -3,4 +3,5 @@
 
 pub mod relay;
 pub mod ssm;
+pub mod upgrade_sign;
 pub mod websocket;

@@ -23,6 +23,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::upgrade_sign::{SignError, UpgradeHeaders, UpgradeSigner};
 use super::websocket::{self, DataChannelSocket, DialError};
 use crate::proto::kind::Flag;
 use crate::proto::session::{
@@ -65,10 +66,87 @@ pub enum ResumeError {
     Fatal(String),
 }
 
-/// Calls ResumeSession and returns the new TokenValue.
+/// What ResumeSession returned. `Debug` redacts the token.
+#[derive(Clone, Default)]
+pub struct Resumed {
+    /// The new TokenValue; empty when the session timed out.
+    pub token_value: String,
+    /// The new StreamUrl, when the service returned one: \[P\] 1.2.835.0 dials it
+    /// instead of the first (whose `cell-number` may have expired), IDX `29db6846`
+    /// `sessionhandler.go` fn `ResumeSessionHandler` / `websocketchannel.go` fn
+    /// `SetStreamUrl`.
+    pub stream_url: Option<String>,
+}
+
+impl fmt::Debug for Resumed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resumed")
+            .field("token_value", &"<redacted>")
+            .field("stream_url", &self.stream_url)
+            .finish()
+    }
+}
+
+/// Calls ResumeSession.
 pub type Resumer = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, ResumeError>> + Send>> + Send + Sync,
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Resumed, ResumeError>> + Send>> + Send + Sync,
 >;
+
+/// How a tunnel ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// The agent sent `channel_closed`; `output` is its message (may be empty).
+    ChannelClosed {
+        /// The agent's Output field.
+        output: String,
+    },
+    /// A message was never acknowledged within the resend limit.
+    ResendTimeout {
+        /// The message's sequence number.
+        sequence_number: i64,
+    },
+    /// The smux session failed (protocol error from the agent's side).
+    Smux(String),
+    /// ResumeSession returned an empty token: the session timed out at the service.
+    ResumeTimedOut,
+    /// ResumeSession was refused (terminated, access denied).
+    ResumeRefused(String),
+    /// The websocket was lost and the tunnel has no way to resume.
+    WebsocketLost(String),
+    /// We ended it ([`Tunnel::terminate`]).
+    Terminated,
+    /// The [`Tunnel`] was dropped.
+    Dropped,
+}
+
+impl TunnelEnd {
+    /// True when the session ended without us asking: it may still exist at the
+    /// service, which must be told (TerminateSession API) so it does not linger.
+    pub fn ended_on_its_own(&self) -> bool {
+        !matches!(self, TunnelEnd::Terminated | TunnelEnd::Dropped)
+    }
+}
+
+impl fmt::Display for TunnelEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TunnelEnd::ChannelClosed { output } => SessionEnd::ChannelClosed {
+                output: output.clone(),
+            }
+            .fmt(f),
+            TunnelEnd::ResendTimeout { sequence_number } => SessionEnd::ResendTimeout {
+                sequence_number: *sequence_number,
+            }
+            .fmt(f),
+            TunnelEnd::Smux(why) => write!(f, "smux session closed: {why}"),
+            TunnelEnd::ResumeTimedOut => write!(f, "session timed out (empty resume token)"),
+            TunnelEnd::ResumeRefused(why) => write!(f, "resume refused: {why}"),
+            TunnelEnd::WebsocketLost(why) => write!(f, "websocket lost: {why}"),
+            TunnelEnd::Terminated => write!(f, "terminated by the user"),
+            TunnelEnd::Dropped => write!(f, "tunnel dropped"),
+        }
+    }
+}
 
 /// Settings of a tunnel.
 #[derive(Clone, Debug)]
@@ -77,6 +155,12 @@ pub struct TunnelConfig {
     pub client_version: String,
     /// ClientId: one per process.
     pub client_id: String,
+    /// Signs every websocket upgrade (first dial, retries, resumes). `None` dials
+    /// unsigned, as the plugin does when it has no credentials; products always set it.
+    pub signer: Option<UpgradeSigner>,
+    /// Host names besides Session Manager's own that a StreamUrl may point to (a
+    /// private endpoint name); see [`websocket::check_stream_url`].
+    pub stream_url_hosts: Vec<String>,
     /// Largest payload per `input_stream_data` message. The plugin sends at most 1024
     /// bytes ([P] `config.go` `StreamDataPayloadSize`); the service's limit is not
     /// documented, so the default stays there.
@@ -107,6 +191,8 @@ impl Default for TunnelConfig {
         TunnelConfig {
             client_version: crate::proto::version::DEFAULT_CLIENT_VERSION.to_owned(),
             client_id: uuid::Uuid::new_v4().hyphenated().to_string(),
+            signer: None,
+            stream_url_hosts: Vec::new(),
             max_payload: 1024,
             connect_timeout: Duration::from_secs(30),
             ping_interval: Duration::from_secs(5),
@@ -144,6 +230,23 @@ impl From<DialError> for TunnelError {
     }
 }
 
+impl From<SignError> for TunnelError {
+    fn from(e: SignError) -> Self {
+        TunnelError::Dial(e.to_string())
+    }
+}
+
+/// Checks the URL, signs the upgrade afresh (new date, freshly resolved credentials)
+/// and dials.
+async fn dial_signed(url: &str, config: &TunnelConfig) -> Result<DataChannelSocket, TunnelError> {
+    websocket::check_stream_url(url, &config.stream_url_hosts)?;
+    let headers = match &config.signer {
+        Some(signer) => signer.headers_for(url).await?,
+        None => UpgradeHeaders::default(),
+    };
+    Ok(websocket::dial(url, &headers, config.connect_timeout).await?)
+}
+
 enum Command {
     Open(oneshot::Sender<Result<TunnelStream, TunnelError>>),
     Terminate(oneshot::Sender<()>),
@@ -168,6 +271,8 @@ pub struct TunnelStats {
     pub reconnecting: bool,
     /// Retransmitted messages.
     pub retransmissions: u64,
+    /// ConnectToPortError flags from the agent (it could not reach the remote port).
+    pub connect_to_port_errors: u64,
     /// The last problem seen, for `bastionctl status`.
     pub last_error: Option<String>,
 }
@@ -179,7 +284,7 @@ pub struct Tunnel {
     session_id: String,
     commands: mpsc::Sender<Command>,
     stats: watch::Receiver<TunnelStats>,
-    ended: watch::Receiver<Option<String>>,
+    ended: watch::Receiver<Option<TunnelEnd>>,
 }
 
 impl Tunnel {
@@ -191,7 +296,7 @@ impl Tunnel {
     ) -> Result<Tunnel, TunnelError> {
         let span = info_span!("ssm_session", session_id = %ticket.session_id);
         async move {
-            let mut socket = websocket::dial(&ticket.stream_url, config.connect_timeout).await?;
+            let mut socket = dial_signed(&ticket.stream_url, &config).await?;
             let now = Instant::now();
             let mut client_config = ClientConfig::new(&ticket.session_id, &ticket.target);
             client_config.client_version = config.client_version.clone();
@@ -308,20 +413,25 @@ impl Tunnel {
         self.stats.borrow().clone()
     }
 
-    /// Why the session ended, once it has.
-    pub fn end_reason(&self) -> Option<String> {
+    /// How the session ended, once it has.
+    pub fn end(&self) -> Option<TunnelEnd> {
         self.ended.borrow().clone()
     }
 
-    /// Waits until the session ends and returns why.
-    pub async fn wait_ended(&self) -> String {
+    /// Why the session ended, once it has, for people.
+    pub fn end_reason(&self) -> Option<String> {
+        self.end().map(|e| e.to_string())
+    }
+
+    /// Waits until the session ends and returns how.
+    pub async fn wait_end(&self) -> TunnelEnd {
         let mut ended = self.ended.clone();
         loop {
-            if let Some(why) = ended.borrow().clone() {
-                return why;
+            if let Some(end) = ended.borrow().clone() {
+                return end;
             }
             if ended.changed().await.is_err() {
-                return "driver stopped".to_owned();
+                return TunnelEnd::Dropped;
             }
         }
     }
@@ -592,7 +702,7 @@ const DELIVERY_CHUNK: usize = 16 * 1024;
 const DELIVERY_QUEUE: usize = 8;
 
 impl Driver {
-    async fn run(mut self) -> String {
+    async fn run(mut self) -> TunnelEnd {
         let mut ping = tokio::time::interval(self.config.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -638,7 +748,7 @@ impl Driver {
             }
             let capacity = self.capacity.clone();
             let (Some(reader), Some(writer)) = (self.reader.as_mut(), self.writer.clone()) else {
-                return "no websocket".into();
+                return TunnelEnd::WebsocketLost("no websocket".into());
             };
             let blocked_write = self.outbox.is_some();
             tokio::select! {
@@ -675,12 +785,12 @@ impl Driver {
                         self.session.terminate(Instant::now());
                         self.drain_frames().await;
                         let _ = done.send(());
-                        return "terminated by the user".into();
+                        return TunnelEnd::Terminated;
                     }
                     None => {
                         self.session.terminate(Instant::now());
                         self.drain_frames().await;
-                        return "tunnel dropped".into();
+                        return TunnelEnd::Dropped;
                     }
                 },
                 input = self.input_rx.recv(), if upload_room => {
@@ -778,7 +888,7 @@ impl Driver {
     }
 
     /// Resumes the session after the websocket failed; `Some(reason)` ends the tunnel.
-    async fn reconnect(&mut self, why: String) -> Option<String> {
+    async fn reconnect(&mut self, why: String) -> Option<TunnelEnd> {
         warn!(reason = %why, "data channel websocket lost");
         self.counters.last_error = Some(why.clone());
         self.session.on_disconnect();
@@ -795,12 +905,12 @@ impl Driver {
 
     /// Retries ResumeSession and the websocket with capped, jittered exponential backoff
     /// until it works, the service refuses, or the channel gives up.
-    async fn resume_loop(&mut self, resumer: Resumer, why: String) -> Option<String> {
+    async fn resume_loop(&mut self, resumer: Resumer, why: String) -> Option<TunnelEnd> {
         let mut attempt: u32 = 0;
         loop {
             self.publish_stats();
             if self.session.channel().close_reason().is_some() {
-                return Some(why);
+                return self.check_end().or(Some(TunnelEnd::WebsocketLost(why)));
             }
             let base = Duration::from_millis(100 + fastrand::u64(0..100));
             let delay = base
@@ -811,21 +921,23 @@ impl Driver {
             }
             attempt = attempt.saturating_add(1);
             self.counters.resume_attempts += 1;
-            let token = match resumer().await {
-                Ok(t) if t.is_empty() => {
-                    return Some("session timed out (empty resume token)".into());
-                }
-                Ok(t) => t,
-                Err(ResumeError::Fatal(e)) => return Some(format!("resume refused: {e}")),
+            let resumed = match resumer().await {
+                Ok(r) if r.token_value.is_empty() => return Some(TunnelEnd::ResumeTimedOut),
+                Ok(r) => r,
+                Err(ResumeError::Fatal(e)) => return Some(TunnelEnd::ResumeRefused(e)),
                 Err(ResumeError::Retry(e)) => {
                     warn!(attempt, error = %e, "ResumeSession failed; retrying");
                     self.counters.last_error = Some(format!("resume attempt {attempt}: {e}"));
                     continue;
                 }
             };
-            match websocket::dial(&self.ticket.stream_url, self.config.connect_timeout).await {
+            // [P] 1.2.835.0: the StreamUrl ResumeSession returned, when it is not empty.
+            if let Some(url) = resumed.stream_url.filter(|u| !u.is_empty()) {
+                self.ticket.stream_url = url;
+            }
+            match dial_signed(&self.ticket.stream_url, &self.config).await {
                 Ok(mut socket) => {
-                    let open = self.session.open_data_channel_message(&token);
+                    let open = self.session.open_data_channel_message(&resumed.token_value);
                     if socket.send(Message::text(open)).await.is_err() {
                         continue;
                     }
@@ -981,6 +1093,7 @@ impl Driver {
                     }
                 }
                 SessionEvent::Flag(Flag::ConnectToPortError) => {
+                    self.counters.connect_to_port_errors += 1;
                     warn!("the agent could not connect to the remote port");
                     self.counters.last_error =
                         Some("the agent could not connect to the remote host and port".into());
@@ -1125,24 +1238,23 @@ impl Driver {
         });
     }
 
-    fn check_end(&mut self) -> Option<String> {
+    fn check_end(&self) -> Option<TunnelEnd> {
         if let Some(reason) = self.session.channel().close_reason() {
-            let why = match reason {
-                crate::proto::channel::CloseReason::ChannelClosed(c) => SessionEnd::ChannelClosed {
+            return Some(match reason {
+                crate::proto::channel::CloseReason::ChannelClosed(c) => TunnelEnd::ChannelClosed {
                     output: c.output.clone(),
                 },
                 crate::proto::channel::CloseReason::ResendTimeout { sequence_number } => {
-                    SessionEnd::ResendTimeout {
+                    TunnelEnd::ResendTimeout {
                         sequence_number: *sequence_number,
                     }
                 }
-            };
-            return Some(why.to_string());
+            });
         }
         if let Some(smux) = &self.smux
             && let Some(reason) = smux.close_reason()
         {
-            return Some(format!("smux session closed: {reason}"));
+            return Some(TunnelEnd::Smux(reason.to_string()));
         }
         None
     }

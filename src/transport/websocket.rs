@@ -1,8 +1,9 @@
 //! Dialing the Session Manager data-channel websocket.
 //!
 //! As the plugin does ([P] `src/websocketutil/websocketutil.go` fn `OpenConnection`):
-//! the StreamUrl is used exactly as returned, with no authentication header and no
-//! subprotocol; the only credential is the token inside the first TEXT message.
+//! the StreamUrl is used exactly as returned, no subprotocol, and the SigV4 headers of
+//! [`super::upgrade_sign`] on the upgrade GET (plugin 1.2.764.0 and later); the token
+//! goes inside the first TEXT message.
 //! `wss://` uses rustls (ring) with the platform's root certificates; `ws://` is
 //! refused unless the host is a loopback address (the simulator).
 //!
@@ -22,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::upgrade_sign::UpgradeHeaders;
 
 /// A connected data-channel websocket.
 pub type DataChannelSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -47,17 +50,19 @@ pub enum DialError {
     /// The connect did not finish in time.
     #[error("websocket connect timed out after {0:?}")]
     Timeout(Duration),
+    /// The StreamUrl's host is not a Session Manager data-channel endpoint: signed
+    /// upgrades carry credentials-derived headers and must go nowhere else.
+    #[error(
+        "refusing to connect to {0}: not a Session Manager endpoint (ssmmessages.<region>.amazonaws.com \
+         and its FIPS, dual-stack, China and VPC-endpoint forms); name a private endpoint with the \
+         profile setting stream_url_hosts"
+    )]
+    NotSessionManager(String),
 }
 
-/// True for `localhost` and loopback IP literals.
-pub fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-fn check_scheme(url: &str) -> Result<(), DialError> {
-    let (scheme, rest) = url
+/// The URL's host (lowercase, brackets kept for IPv6), or an error.
+fn url_host(url: &str) -> Result<String, DialError> {
+    let (_, rest) = url
         .split_once("://")
         .ok_or_else(|| DialError::BadUrl("missing scheme".into()))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
@@ -71,6 +76,81 @@ fn check_scheme(url: &str) -> Result<(), DialError> {
     if host.is_empty() {
         return Err(DialError::BadUrl("missing host".into()));
     }
+    Ok(host.to_ascii_lowercase())
+}
+
+/// An AWS region name: `us-east-1`, `eu-central-2`, `us-gov-west-1`, `cn-north-1`.
+fn is_region(label: &str) -> bool {
+    let parts: Vec<&str> = label.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[0].bytes().all(|b| b.is_ascii_lowercase())
+        && parts[1..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts[parts.len() - 1].parse::<u8>().is_ok_and(|n| n > 0)
+}
+
+/// True for the Session Manager data-channel hosts (plugin 1.2.889.0 started to check
+/// this; its exact rule is not published, so this one is ours, from the endpoint names
+/// AWS documents for `ssmmessages`):
+/// `ssmmessages[-fips].<region>.amazonaws.com[.cn]`, dual-stack
+/// `ssmmessages[-fips].<region>.api.aws` / `.api.amazonwebservices.com.cn`, and
+/// interface VPC endpoints `vpce-<id>[-<az>].ssmmessages.<region>.vpce.amazonaws.com[.cn]`.
+pub fn is_session_manager_host(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    const SUFFIXES: &[&str] = &[
+        ".amazonaws.com",
+        ".amazonaws.com.cn",
+        ".api.aws",
+        ".api.amazonwebservices.com.cn",
+    ];
+    let Some(rest) = SUFFIXES.iter().find_map(|s| host.strip_suffix(s)) else {
+        return false;
+    };
+    let labels: Vec<&str> = rest.split('.').collect();
+    match labels.as_slice() {
+        [service, region] => {
+            (*service == "ssmmessages" || *service == "ssmmessages-fips") && is_region(region)
+        }
+        [vpce, "ssmmessages", region, "vpce"] => {
+            vpce.starts_with("vpce-")
+                && vpce.len() > 5
+                && vpce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && is_region(region)
+        }
+        _ => false,
+    }
+}
+
+/// Checks, before anything is sent, that `url` goes to Session Manager: `wss://` to a
+/// [`is_session_manager_host`] host or to one of `extra_hosts` (a private endpoint name
+/// the user configured), or `ws://` to loopback (the simulator).
+pub fn check_stream_url(url: &str, extra_hosts: &[String]) -> Result<(), DialError> {
+    check_scheme(url)?;
+    let host = url_host(url)?;
+    if is_loopback_host(&host)
+        || is_session_manager_host(&host)
+        || extra_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host))
+    {
+        Ok(())
+    } else {
+        Err(DialError::NotSessionManager(host))
+    }
+}
+
+/// True for `localhost` and loopback IP literals.
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn check_scheme(url: &str) -> Result<(), DialError> {
+    let (scheme, _) = url
+        .split_once("://")
+        .ok_or_else(|| DialError::BadUrl("missing scheme".into()))?;
+    let host = url_host(url)?;
     match scheme.to_ascii_lowercase().as_str() {
         "wss" => Ok(()),
         "ws" if is_loopback_host(&host) => Ok(()),
@@ -93,21 +173,35 @@ fn env_proxy() -> &'static Matcher {
 
 /// Opens the websocket to `url` (the StreamUrl, unmodified), through the environment's
 /// HTTPS proxy when one applies.
-pub async fn dial(url: &str, timeout: Duration) -> Result<DataChannelSocket, DialError> {
-    dial_via(url, timeout, env_proxy()).await
+pub async fn dial(
+    url: &str,
+    headers: &UpgradeHeaders,
+    timeout: Duration,
+) -> Result<DataChannelSocket, DialError> {
+    dial_via(url, headers, timeout, env_proxy()).await
 }
 
 /// [`dial`] with explicit proxy settings.
 pub async fn dial_via(
     url: &str,
+    headers: &UpgradeHeaders,
     timeout: Duration,
     proxy: &Matcher,
 ) -> Result<DataChannelSocket, DialError> {
     check_scheme(url)?;
     install_crypto_provider();
-    let request = url
+    let mut request = url
         .into_client_request()
         .map_err(|e| DialError::BadUrl(e.to_string()))?;
+    for (name, value) in &headers.0 {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| DialError::BadUrl(format!("bad upgrade header name {name}")))?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            DialError::BadUrl(format!("header {name} has a value HTTP cannot carry"))
+        })?;
+        value.set_sensitive(true);
+        request.headers_mut().insert(name, value);
+    }
     let uri = request.uri();
     let tls = uri
         .scheme_str()
@@ -348,9 +442,14 @@ mod proxy_tests {
             .build();
         let url =
             "wss://ssmmessages.bastion-test.invalid/v1/data-channel/s-1?role=publish_subscribe";
-        let err = dial_via(url, Duration::from_secs(5), &matcher)
-            .await
-            .expect_err("proxy refuses");
+        let err = dial_via(
+            url,
+            &UpgradeHeaders::default(),
+            Duration::from_secs(5),
+            &matcher,
+        )
+        .await
+        .expect_err("proxy refuses");
         assert!(
             matches!(&err, DialError::Proxy(_, m) if m.contains("407")),
             "{err}"
@@ -376,10 +475,45 @@ mod proxy_tests {
         assert!(matches!(err, DialError::Tcp(..)), "{err}");
         assert_eq!(seen.lock().unwrap().len(), 1);
         // ws:// to loopback never uses the proxy.
-        let err = dial_via("ws://127.0.0.1:1/x", Duration::from_secs(5), &matcher)
-            .await
-            .expect_err("nothing listens on port 1");
+        let err = dial_via(
+            "ws://127.0.0.1:1/x",
+            &UpgradeHeaders::default(),
+            Duration::from_secs(5),
+            &matcher,
+        )
+        .await
+        .expect_err("nothing listens on port 1");
         assert!(matches!(err, DialError::Tcp(..)), "{err}");
         assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_session_manager_hosts_are_dialled() {
+        for ok in [
+            "wss://ssmmessages.us-east-1.amazonaws.com/v1/data-channel/s?role=publish_subscribe",
+            "wss://ssmmessages-fips.us-gov-west-1.amazonaws.com/v1/data-channel/s",
+            "wss://ssmmessages.cn-north-1.amazonaws.com.cn/v1/data-channel/s",
+            "wss://ssmmessages.eu-west-1.api.aws/v1/data-channel/s",
+            "wss://vpce-0a1b2c3d4e5f6a7b8-abcdefgh.ssmmessages.eu-west-1.vpce.amazonaws.com/v1/x",
+            "wss://SSMMESSAGES.US-EAST-1.AMAZONAWS.COM/v1/x",
+            "ws://127.0.0.1:8080/v1/data-channel/s",
+            "wss://ssm.internal.corp/v1/data-channel/s",
+        ] {
+            assert!(
+                check_stream_url(ok, &["ssm.internal.corp".into()]).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "wss://evil.example.com/v1/data-channel/s",
+            "wss://ssmmessages.us-east-1.amazonaws.com.evil.example/v1/x",
+            "wss://ssm.us-east-1.amazonaws.com/v1/x",
+            "wss://ssmmessages.not-a-region.amazonaws.com/v1/x",
+            "wss://x.ssmmessages.us-east-1.amazonaws.com/v1/x",
+            "wss://user@evil.example/v1/x",
+            "ws://ssmmessages.us-east-1.amazonaws.com/v1/x",
+        ] {
+            assert!(check_stream_url(bad, &[]).is_err(), "{bad}");
+        }
     }
 }
