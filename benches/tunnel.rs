@@ -408,10 +408,22 @@ async fn main() {
         ("off", "tunnel, pacing off", Duration::ZERO),
         ("on", "tunnel, pacing 1 ms", Duration::from_millis(1)),
     ] {
-        let sim = Simulator::bind(SimConfig {
+        // AWS's plugin (BENCH_PLUGIN) signs with whatever credentials its environment
+        // has, none of which the simulator knows, may be older than the ClientVersion
+        // floor, and before 1.2.835.0 re-dials the first StreamUrl: its simulators
+        // accept all of that.
+        let plugin_compat = plan.plugin.is_some();
+        let defaults = SimConfig::default();
+        let sim = Simulator::bind(e2e_util::with_daemon_credential(SimConfig {
             agent_pacing: pacing,
-            ..SimConfig::default()
-        })
+            require_signed_upgrades: !plugin_compat,
+            expire_superseded_cells: !plugin_compat,
+            min_client_version: defaults
+                .min_client_version
+                .clone()
+                .filter(|_| !plugin_compat),
+            ..defaults
+        }))
         .await
         .expect("sim")
         .spawn();

@@ -10,28 +10,49 @@
 //!
 //! * `RESPONSE`: the StartSession response JSON, or (plugin ≥ 1.2.497.0, which the CLI
 //!   learns from `--version`) the name of an environment variable holding it; the
-//!   plugin recognises the name by its `AWS_SSM_START_SESSION_RESPONSE` prefix.
-//! * `PROFILE` may be empty; `REQUEST` is the StartSession request JSON (`Target`,
-//!   `DocumentName`, `Parameters`); `ENDPOINT` is the SSM endpoint URL the CLI used.
+//!   plugin recognises the name by its `AWS_SSM_START_SESSION_RESPONSE` prefix, and
+//!   unsets the variable before anything else so that no child process inherits the
+//!   session token. The unsetting is the binary's job ([`response_variable`]): it must
+//!   happen while the process has one thread.
+//! * `PROFILE` may be empty; when set (the CLI passes it only for `--profile`, aws-cli
+//!   PR #8705), its credentials sign every call, before any environment credentials,
+//!   as the Go SDK does for an explicit `WithSharedConfigProfile` ([P] `sdkutil/
+//!   awsconfig.go` fn `GetDefaultConfig`; aws-sdk-go issue #2727).
+//! * `REQUEST` is the StartSession request JSON (`Target`, `DocumentName`,
+//!   `Parameters`); `ENDPOINT` is the SSM endpoint URL the CLI used.
 //!
-//! Port sessions listen on `127.0.0.1:<localPortNumber>` (`0` or absent: ephemeral) and
-//! carry every accepted connection over one [`Tunnel`]. SIGINT / SIGTERM send the
-//! TerminateSession flag and call the TerminateSession API, then exit 0.
+//! What the user sees is the plugin's, byte for byte: see [`output`] for the strings
+//! and `proto-docs/dropin.md` for the table of paths, streams and exit codes. The rule
+//! for exit codes: every path the plugin has exits 0, as the plugin's do (its `main`
+//! returns or calls `os.Exit(0)` on every path), even a failed start, which it reports
+//! on stdout; where the plugin has no path (a shell document, which this drop-in does
+//! not support) or would hang with a dead listener (the data channel cannot be opened
+//! or resumed), the drop-in writes the reason to stderr and exits 1.
+
+mod listen;
+mod output;
+mod signals;
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use aws_config::SdkConfig;
+use aws_config::profile::ProfileFileCredentialsProvider;
+use aws_config::provider_config::ProviderConfig;
+use aws_credential_types::provider::SharedCredentialsProvider;
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use thiserror::Error;
 
-use crate::aws::ssm::{AwsTarget, SsmApi, load_config_with_endpoint};
+use crate::aws::ssm::{AwsTarget, SsmApi, http_client, load_config_with_endpoint};
 use crate::proto::session::DataMode;
+use crate::transport::relay::relay;
 use crate::transport::ssm::{
-    ResumeError, Resumer, SessionTicket, Tunnel, TunnelConfig, TunnelError,
+    ResumeError, Resumer, SessionTicket, Tunnel, TunnelConfig, TunnelEnd, TunnelError,
 };
+use crate::transport::upgrade_sign::UpgradeSigner;
+use listen::{Accepted, LocalEndpoint};
 
 /// The plugin version `--version` reports. The AWS CLI reads it for two things only
 /// (`awscli/customizations/sessionmanager.py`): above 1.2.497.0 it passes the
@@ -39,10 +60,26 @@ use crate::transport::ssm::{
 /// variable, and below its `RECOMMENDED_MINIMUM_PLUGIN_VERSION` (1.2.764.0 in awscli
 /// 1.46) it prints an "outdated SessionManagerPlugin" warning on every start. The argv
 /// contract is the same for all versions since 1.2.497.0.
-pub const PLUGIN_VERSION: &str = "1.2.764.0";
+pub const PLUGIN_VERSION: &str = crate::proto::version::DEFAULT_CLIENT_VERSION;
 
 /// Prefix of the environment variable name that carries the StartSession response.
 pub const RESPONSE_ENV_PREFIX: &str = "AWS_SSM_START_SESSION_RESPONSE";
+
+/// argv length (program name included) from which the arguments are a session's
+/// ([P] `session.go` `LegacyArgumentLength`: RESPONSE REGION OPERATION, no profile).
+const LEGACY_ARGUMENT_LENGTH: usize = 4;
+
+/// With `SSM_PLUGIN_SKIP_CLIENT_CONFIGURE=true` the plugin looks up no credentials and
+/// dials the websocket unsigned ([P] 1.2.804.0+, IDX `29db6846` `sessionhandler.go` fn
+/// `OpenDataChannel`).
+const SKIP_CLIENT_CONFIGURE: &str = "SSM_PLUGIN_SKIP_CLIENT_CONFIGURE";
+
+/// How long the TerminateSession API call may delay the exit after a control signal
+/// (the plugin exits at once; the call is our addition, see [`on_control_signal`]).
+const TERMINATE_API_BOUND: Duration = Duration::from_secs(5);
+
+/// How often the ConnectToPortError count is looked at.
+const PORT_ERROR_POLL: Duration = Duration::from_millis(100);
 
 /// Documents whose sessions are not port forwarding to a local listener.
 const NON_PORT_DOCUMENTS: &[&str] = &[
@@ -78,44 +115,56 @@ struct StartResponseJson {
     token_value: Option<String>,
 }
 
+/// How a session run ended badly.
+#[derive(Debug, Error)]
+enum Failure {
+    /// A failure on a path the plugin has: "Cannot perform start session: …" on
+    /// stdout, exit 0.
+    #[error("{0}")]
+    Reported(String),
+    /// A failure on a path the plugin does not have, or where it would hang: stderr,
+    /// exit 1.
+    #[error("{0}")]
+    Drop(String),
+}
+
+/// The name of the environment variable that holds the StartSession response, when
+/// `args` (`argv`, program name first) name one. The binary reads it and unsets it
+/// before it starts any thread ([P] `session.go` fn `ValidateInputAndStartSession`:
+/// `os.Getenv` then `os.Unsetenv`), then passes the value to [`main`].
+pub fn response_variable(args: &[String]) -> Option<&str> {
+    if args.len() < LEGACY_ARGUMENT_LENGTH {
+        return None;
+    }
+    args.get(1)
+        .map(String::as_str)
+        .filter(|a| a.starts_with(RESPONSE_ENV_PREFIX))
+}
+
 /// Runs the plugin. `args[0]` is the program name (as in `argv`), followed by the
-/// plugin's arguments.
-pub fn main(args: Vec<String>) -> ExitCode {
-    let mut out = std::io::stdout();
+/// plugin's arguments; `env_response` is the value of the variable
+/// [`response_variable`] named (empty when it was not set, as `os.Getenv` gives).
+pub fn main(args: Vec<String>, env_response: Option<String>) -> ExitCode {
     match args.len() {
         0 | 1 => {
-            let _ = write!(
-                out,
-                "\nThe Session Manager plugin was installed successfully. \
-                 Use the AWS CLI to start a session.\n\n"
-            );
+            output::print(output::installed());
             return ExitCode::SUCCESS;
         }
         2 if args[1] == "--version" => {
-            let _ = writeln!(out, "{PLUGIN_VERSION}");
+            output::print(&output::version(PLUGIN_VERSION));
             return ExitCode::SUCCESS;
         }
         2 | 3 => {
-            eprintln!(
-                "\nUnknown operation {}. \nUse session-manager-plugin --version to check the version.\n",
-                args[1]
-            );
-            return ExitCode::from(1);
+            output::print(&output::unknown_operation(&args[1]));
+            return ExitCode::SUCCESS;
         }
         _ => {}
     }
-    let inv = match parse(&args) {
-        Ok(inv) => inv,
-        Err(e) => {
-            eprintln!("Cannot perform start session: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(inv) = parse(&args, env_response) else {
+        output::print(output::invalid_operation());
+        return ExitCode::SUCCESS;
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(crate::logging::env_filter("BASTION_LOG", "warn"))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    crate::logging::init_stderr("BASTION_LOG", "warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -126,48 +175,49 @@ pub fn main(args: Vec<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(inv)) {
+    let result = runtime.block_on(run(inv));
+    // The plugin ends with `os.Exit`: nothing left running delays the exit.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Reported(e)) => {
+            output::print(&output::cannot_start(&e));
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Drop(e)) => {
             eprintln!("Cannot perform start session: {e}");
             ExitCode::from(1)
         }
     }
 }
 
-fn parse(args: &[String]) -> Result<Invocation, String> {
-    let response = if args[1].starts_with(RESPONSE_ENV_PREFIX) {
-        // The plugin also unsets the variable; `remove_var` is unsafe in a
-        // multi-threaded process and nothing here spawns children, so it stays.
-        std::env::var(&args[1])
-            .map_err(|_| format!("environment variable {} is not set", args[1]))?
+/// The argv of a session (at least [`LEGACY_ARGUMENT_LENGTH`] entries), or `None` when
+/// the operation is not StartSession. The request JSON is read leniently, as the
+/// plugin ignores its parse error.
+fn parse(args: &[String], env_response: Option<String>) -> Option<Invocation> {
+    let response = if response_variable(args).is_some() {
+        env_response.unwrap_or_default()
     } else {
         args[1].clone()
     };
-    let region = args[2].clone();
     if args[3] != "StartSession" {
-        return Err(format!("Invalid Operation {}", args[3]));
+        return None;
     }
     let non_empty = |i: usize| args.get(i).filter(|s| !s.is_empty()).cloned();
-    let profile = non_empty(4);
-    let request = match args.get(5) {
-        Some(s) if !s.is_empty() => serde_json::from_str(s)
-            .map_err(|e| format!("the StartSession request argument is not valid JSON: {e}"))?,
-        _ => StartRequestJson::default(),
-    };
-    let endpoint = non_empty(6);
-    Ok(Invocation {
+    Some(Invocation {
         response,
-        region,
-        profile,
-        request,
-        endpoint,
+        region: args[2].clone(),
+        profile: non_empty(4),
+        request: args
+            .get(5)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+        endpoint: non_empty(6),
     })
 }
 
 fn ticket(inv: &Invocation) -> Result<SessionTicket, String> {
-    let resp: StartResponseJson = serde_json::from_str(&inv.response)
-        .map_err(|e| format!("the StartSession response is not valid JSON: {e}"))?;
+    let resp: StartResponseJson = serde_json::from_str(&inv.response).map_err(|e| e.to_string())?;
     let field = |v: Option<String>, name: &str| {
         v.filter(|s| !s.is_empty())
             .ok_or_else(|| format!("the StartSession response has no {name}"))
@@ -180,32 +230,76 @@ fn ticket(inv: &Invocation) -> Result<SessionTicket, String> {
     })
 }
 
-fn flush_print(s: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(s.as_bytes());
-    let _ = out.flush();
-}
-
-async fn run(inv: Invocation) -> Result<(), String> {
-    let ticket = ticket(&inv)?;
-    let session_id = ticket.session_id.clone();
-    flush_print(&format!(
-        "\nStarting session with SessionId: {session_id}\n"
-    ));
-
+/// The SDK configuration for the session's calls. With a PROFILE argument that
+/// profile's credentials are used and nothing else (an explicit profile outranks
+/// environment credentials in the Go SDK the plugin uses, and in the CLI that started
+/// it); without one, the standard chain.
+async fn sdk_config(inv: &Invocation) -> SdkConfig {
     let target = AwsTarget {
         profile: inv.profile.clone(),
         region: Some(inv.region.clone()).filter(|r| !r.is_empty()),
         // The AWS CLI that spawned us uses the full default chain, IMDS included.
         imds: true,
     };
-    let api = SsmApi::new(&load_config_with_endpoint(&target, inv.endpoint.as_deref()).await);
+    let config = load_config_with_endpoint(&target, inv.endpoint.as_deref()).await;
+    let Some(profile) = &inv.profile else {
+        return config;
+    };
+    let conf = ProviderConfig::default()
+        .with_http_client(http_client())
+        .with_region(config.region().cloned());
+    let credentials = ProfileFileCredentialsProvider::builder()
+        .configure(&conf)
+        .profile_name(profile)
+        .build();
+    config
+        .into_builder()
+        .credentials_provider(SharedCredentialsProvider::new(credentials))
+        .build()
+}
 
+/// Signs websocket upgrades with the session's credentials, unless the user opted out
+/// ([`SKIP_CLIENT_CONFIGURE`]).
+fn upgrade_signer(config: &SdkConfig, region: &str) -> Option<UpgradeSigner> {
+    if std::env::var(SKIP_CLIENT_CONFIGURE).is_ok_and(|v| v == "true") {
+        return None;
+    }
+    let region = config
+        .region()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| region.to_owned());
+    config
+        .credentials_provider()
+        .map(|p| UpgradeSigner::new(region, p))
+}
+
+fn resumer(api: &SsmApi, session_id: &str) -> Resumer {
+    let api = api.clone();
+    let id = session_id.to_owned();
+    Arc::new(move || {
+        let api = api.clone();
+        let id = id.clone();
+        Box::pin(async move {
+            api.resume_session(&id).await.map_err(|e| match e {
+                e if e.is_retryable() => ResumeError::Retry(e.to_string()),
+                e => ResumeError::Fatal(e.to_string()),
+            })
+        })
+    })
+}
+
+async fn run(inv: Invocation) -> Result<(), Failure> {
+    let ticket = ticket(&inv).map_err(Failure::Reported)?;
+    let session_id = ticket.session_id.clone();
+    output::print(&output::starting(&session_id));
+
+    let config = sdk_config(&inv).await;
+    let api = SsmApi::new(&config);
     let document = inv.request.document_name.clone().unwrap_or_default();
     let document_name = document.rsplit('/').next().unwrap_or_default();
     if document_name.is_empty() || NON_PORT_DOCUMENTS.contains(&document_name) {
         let _ = api.terminate_session(&session_id).await;
-        return Err(format!(
+        return Err(Failure::Drop(format!(
             "document {:?} is not a port-forwarding document; this drop-in supports only \
              port sessions (AWS-StartPortForwardingSession, \
              AWS-StartPortForwardingSessionToRemoteHost); use AWS's session-manager-plugin \
@@ -215,143 +309,176 @@ async fn run(inv: Invocation) -> Result<(), String> {
             } else {
                 document.as_str()
             }
-        ));
+        )));
     }
-    let local_port = inv
-        .request
-        .parameters
-        .get("localPortNumber")
-        .and_then(|v| v.first())
-        .map(String::as_str)
-        .unwrap_or("0");
-    let local_port: u16 = if local_port.is_empty() {
-        0
-    } else {
-        match local_port.parse() {
-            Ok(p) => p,
-            Err(_) => {
-                let _ = api.terminate_session(&session_id).await;
-                return Err(format!("invalid localPortNumber {local_port:?}"));
-            }
-        }
-    };
 
-    let resume_api = api.clone();
-    let resume_id = session_id.clone();
-    let resumer: Resumer = Arc::new(move || {
-        let api = resume_api.clone();
-        let id = resume_id.clone();
-        Box::pin(async move {
-            api.resume_session(&id).await.map_err(|e| match e {
-                e if e.is_retryable() => ResumeError::Retry(e.to_string()),
-                e => ResumeError::Fatal(e.to_string()),
-            })
-        })
-    });
-    let tunnel = match Tunnel::connect(ticket, TunnelConfig::default(), Some(resumer)).await {
+    let tunnel_config = TunnelConfig {
+        signer: upgrade_signer(&config, &inv.region),
+        ..TunnelConfig::default()
+    };
+    let resume = resumer(&api, &session_id);
+    let tunnel = match Tunnel::connect(ticket, tunnel_config, Some(resume)).await {
         Ok(t) => Arc::new(t),
         Err(e) => {
             let _ = api.terminate_session(&session_id).await;
-            return Err(match e {
+            return Err(Failure::Drop(match e {
                 TunnelError::NotPortForwarding(kind) => format!(
                     "the session is not port forwarding (type {kind}); this drop-in supports \
                      only port sessions"
                 ),
                 e => e.to_string(),
-            });
+            }));
         }
     };
-
-    let listener = match TcpListener::bind(("127.0.0.1", local_port)).await {
+    if let Some(m) = output::customer_message(&tunnel.info().customer_message) {
+        output::print(&m);
+    }
+    let endpoint = match (
+        tunnel.info().mode,
+        LocalEndpoint::from_properties(&tunnel.info().properties),
+    ) {
+        (DataMode::Mux | DataMode::Basic, Ok(e)) => e,
+        (_, Err(e)) => return Err(end_early(&tunnel, &api, Failure::Drop(e.to_string())).await),
+        (DataMode::StandardStream, Ok(_)) => {
+            let why = "the agent forwards this session over stdin/stdout, which this drop-in \
+                       does not support";
+            return Err(end_early(&tunnel, &api, Failure::Drop(why.into())).await);
+        }
+    };
+    // [P] fn `InitializeStreams`: the handlers are installed before the listener opens.
+    let mut signals = signals::ControlSignals::install();
+    let (listener, opened) = match endpoint.bind().await {
         Ok(l) => l,
-        Err(e) => {
-            tunnel.terminate().await;
-            let _ = api.terminate_session(&session_id).await;
-            return Err(format!("cannot listen on 127.0.0.1:{local_port}: {e}"));
-        }
+        Err(e) => return Err(end_early(&tunnel, &api, Failure::Reported(e)).await),
     };
-    let port = listener
-        .local_addr()
-        .map(|a| a.port())
-        .unwrap_or(local_port);
-    flush_print(&format!(
-        "Port {port} opened for sessionId {session_id}.\nWaiting for connections...\n"
-    ));
-
     let mux = tunnel.info().mode == DataMode::Mux;
-    let announced = Arc::new(AtomicBool::new(false));
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
+    output::print(&if mux {
+        output::listening_mux(&opened, &session_id)
+    } else {
+        output::listening_basic(&opened, &session_id)
+    });
+
+    let mut announced = false;
+    let mut terminating = false;
+    let mut port_errors = tunnel.stats().connect_to_port_errors;
+    let mut poll = tokio::time::interval(PORT_ERROR_POLL);
     loop {
         tokio::select! {
-            _ = &mut stop => {
-                tunnel.terminate().await;
-                if let Err(e) = api.terminate_session(&session_id).await {
-                    eprintln!("TerminateSession failed: {e}");
+            _ = signals.recv() => {
+                if !terminating {
+                    terminating = true;
+                    if on_control_signal(&tunnel, &api, &session_id).await {
+                        return Ok(());
+                    }
                 }
-                flush_print(&format!("\n\nExiting session with sessionId: {session_id}.\n\n"));
-                return Ok(());
             }
-            why = tunnel.wait_ended() => {
-                tracing::info!(reason = %why, "session ended");
-                flush_print(&format!("\n\nExiting session with sessionId: {session_id}.\n\n"));
-                return Ok(());
+            end = tunnel.wait_end() => return on_end(end, &api, &session_id).await,
+            _ = poll.tick(), if mux => {
+                let now = tunnel.stats().connect_to_port_errors;
+                for _ in port_errors..now {
+                    output::print(output::connect_to_port_error());
+                }
+                port_errors = now;
             }
             accepted = listener.accept() => {
-                let (conn, peer) = match accepted {
+                let conn = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         continue;
                     }
                 };
-                tracing::info!(%peer, session_id = %session_id, "connection accepted");
-                if mux {
-                    if !announced.swap(true, Ordering::Relaxed) {
-                        flush_print(&format!("\nConnection accepted for session [{session_id}]\n"));
-                    }
-                } else {
-                    flush_print(&format!("Connection accepted for session {session_id}.\n"));
+                tracing::info!(session_id = %session_id, "connection accepted");
+                if !announced {
+                    announced = true;
+                    output::print(&if mux {
+                        output::accepted_mux(&session_id)
+                    } else {
+                        output::accepted_basic(&session_id)
+                    });
                 }
-                let tunnel = tunnel.clone();
-                tokio::spawn(async move {
-                    match tunnel.open_stream().await {
-                        Ok(stream) => {
-                            if let Err(e) = crate::transport::relay::relay(conn, stream).await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot open a stream"),
-                    }
-                });
+                tokio::spawn(forward(tunnel.clone(), conn));
             }
         }
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Carries one local connection over its own stream of the tunnel.
+async fn forward(tunnel: Arc<Tunnel>, conn: Accepted) {
+    let stream = match tunnel.open_stream().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a stream");
+            return;
         }
+    };
+    let result = match conn {
+        Accepted::Tcp(c) => relay(c, stream).await,
+        Accepted::Unix(c) => relay(c, stream).await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Ends a session that cannot go on before its listener is open, and returns `why`.
+async fn end_early(tunnel: &Tunnel, api: &SsmApi, why: Failure) -> Failure {
+    tunnel.terminate().await;
+    let _ = api.terminate_session(tunnel.session_id()).await;
+    why
+}
+
+/// A control signal: [P] fn `handleControlSignals`. When the agent handles the
+/// TerminateSession flag (always in multiplexed mode; basic mode above agent
+/// 2.3.722.0) the flag is sent, the exit line printed and the process ends (true).
+/// Otherwise the plugin only calls the TerminateSession API and waits for the service
+/// to close the channel (false). In the first case we also call the API, bounded by
+/// [`TERMINATE_API_BOUND`], after the exit line: the plugin's flag is best effort, and
+/// a lost flag would leave the session open until the idle timeout.
+async fn on_control_signal(tunnel: &Tunnel, api: &SsmApi, session_id: &str) -> bool {
+    output::print(output::terminate_signal());
+    let flag = tunnel.info().mode == DataMode::Mux || tunnel.info().supports_terminate_flag;
+    if flag {
+        tunnel.terminate().await;
+        output::print(&output::exiting(session_id));
+    }
+    match tokio::time::timeout(TERMINATE_API_BOUND, api.terminate_session(session_id)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "TerminateSession failed"),
+        Err(_) => tracing::warn!("TerminateSession did not answer in time"),
+    }
+    flag
+}
+
+/// The session ended on its own.
+async fn on_end(end: TunnelEnd, api: &SsmApi, session_id: &str) -> Result<(), Failure> {
+    tracing::info!(reason = %end, "session ended");
+    match end {
+        TunnelEnd::ChannelClosed { output } => {
+            output::print(&output::channel_closed(session_id, &output));
+            Ok(())
+        }
+        TunnelEnd::ResumeTimedOut => {
+            output::print(&output::timed_out(session_id));
+            Ok(())
+        }
+        // [P] `session.go` fn `handleStreamMessageResendTimeout` calls the
+        // TerminateSession API, after which the service closes the channel; our driver
+        // has stopped, so the closing is not awaited and its empty-output line printed.
+        TunnelEnd::ResendTimeout { .. } => {
+            let _ = api.terminate_session(session_id).await;
+            output::print(&output::exiting(session_id));
+            Ok(())
+        }
+        TunnelEnd::Terminated | TunnelEnd::Dropped => {
+            output::print(&output::exiting(session_id));
+            Ok(())
+        }
+        // The plugin keeps its listener open on a dead session here.
+        end @ (TunnelEnd::Smux(_) | TunnelEnd::ResumeRefused(_) | TunnelEnd::WebsocketLost(_)) => {
+            let _ = api.terminate_session(session_id).await;
+            Err(Failure::Drop(format!("session {session_id} ended: {end}")))
+        }
     }
 }
 
@@ -365,15 +492,18 @@ mod tests {
 
     #[test]
     fn parses_the_cli_argv() {
-        let inv = parse(&args(&[
-            "session-manager-plugin",
-            r#"{"SessionId":"s","StreamUrl":"wss://x","TokenValue":"t"}"#,
-            "eu-west-1",
-            "StartSession",
-            "",
-            r#"{"Target":"i-1","DocumentName":"AWS-StartPortForwardingSession","Parameters":{"localPortNumber":["0"]}}"#,
-            "https://ssm.eu-west-1.amazonaws.com",
-        ]))
+        let inv = parse(
+            &args(&[
+                "session-manager-plugin",
+                r#"{"SessionId":"s","StreamUrl":"wss://x","TokenValue":"t"}"#,
+                "eu-west-1",
+                "StartSession",
+                "",
+                r#"{"Target":"i-1","DocumentName":"AWS-StartPortForwardingSession","Parameters":{"localPortNumber":["0"]}}"#,
+                "https://ssm.eu-west-1.amazonaws.com",
+            ]),
+            None,
+        )
         .unwrap();
         assert_eq!(inv.profile, None);
         assert_eq!(inv.region, "eu-west-1");
@@ -383,6 +513,28 @@ mod tests {
             Some("https://ssm.eu-west-1.amazonaws.com")
         );
         assert_eq!(ticket(&inv).unwrap().session_id, "s");
-        assert!(parse(&args(&["p", "{}", "r", "Other", ""])).is_err());
+        assert!(parse(&args(&["p", "{}", "r", "Other", ""]), None).is_none());
+    }
+
+    #[test]
+    fn the_response_variable_is_named_only_in_a_session_argv() {
+        let a = args(&["p", "AWS_SSM_START_SESSION_RESPONSE", "r", "StartSession"]);
+        assert_eq!(
+            response_variable(&a),
+            Some("AWS_SSM_START_SESSION_RESPONSE")
+        );
+        let inv = parse(&a, Some(r#"{"SessionId":"e"}"#.into())).unwrap();
+        assert_eq!(inv.response, r#"{"SessionId":"e"}"#);
+        assert_eq!(
+            response_variable(&args(&["p", "AWS_SSM_START_SESSION_RESPONSE"])),
+            None
+        );
+        assert_eq!(
+            response_variable(&args(&["p", "{}", "r", "StartSession"])),
+            None
+        );
+        // An unset variable reads as empty, which is not JSON (the plugin's path too).
+        let inv = parse(&a, None).unwrap();
+        assert!(ticket(&inv).is_err());
     }
 }

@@ -16,7 +16,10 @@ use sim_util::TokenSnoop;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn sim(config: SimConfig) -> SimHandle {
-    Simulator::bind(config).await.expect("sim bind").spawn()
+    Simulator::bind(e2e_util::with_daemon_credential(config))
+        .await
+        .expect("sim bind")
+        .spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

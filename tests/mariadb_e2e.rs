@@ -17,7 +17,10 @@ use e2e_util::{
 use sha2::{Digest, Sha256};
 
 async fn sim(config: SimConfig) -> SimHandle {
-    Simulator::bind(config).await.expect("sim bind").spawn()
+    Simulator::bind(e2e_util::with_daemon_credential(config))
+        .await
+        .expect("sim bind")
+        .spawn()
 }
 
 fn status_json(d: &DaemonProcess, name: &str) -> serde_json::Value {

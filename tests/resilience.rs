@@ -13,7 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn sim(config: SimConfig) -> SimHandle {
-    Simulator::bind(config).await.expect("sim bind").spawn()
+    Simulator::bind(e2e_util::with_daemon_credential(config))
+        .await
+        .expect("sim bind")
+        .spawn()
 }
 
 /// A profile to `remote_port` on this machine, with extra TOML lines.

@@ -26,6 +26,10 @@ async fn sim_prints_one_line_and_serves() {
             "3.2.2222.0",
         ])
         .args(["--agent-pacing-ms", "0"])
+        .args([
+            "--credential",
+            &format!("{TEST_ACCESS_KEY_ID}:{TEST_SECRET}"),
+        ])
         .env(
             "RUST_LOG",
             "trace,tungstenite=trace,tokio_tungstenite=trace",

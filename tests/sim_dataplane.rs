@@ -1,6 +1,8 @@
-//! The simulator's data plane: OpenDataChannel and tokens, the agent's first frame,
-//! channel_closed, websocket recycle and cuts, idle timeout, and full port sessions
-//! driven by a hand-built client (ClientMessage + payload types + proto::smux).
+//! The simulator's data plane: upgrade admission (SigV4, cell-numbers, presigned
+//! StreamUrls, ClientVersion floor) tested with a raw tungstenite client,
+//! OpenDataChannel and tokens, the agent's first frame, channel_closed, websocket
+//! recycle and cuts, idle timeout, and full port sessions driven by a hand-built client
+//! (ClientMessage + payload types + proto::smux).
 
 mod sim_util;
 
@@ -9,7 +11,9 @@ use std::time::Duration;
 use bastion::proto::kind::{MessageType, PayloadType};
 use bastion::proto::message::ClientMessage;
 use bastion::proto::payload::{HandshakeRequest, from_json};
-use bastion::sim::{DirectionFaults, Faults, SimConfig, ViolationKind};
+use bastion::sim::{
+    AuthKind, DirectionFaults, Faults, RefusalKind, SimConfig, ViolationKind, sigv4,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use sim_util::*;
@@ -48,7 +52,7 @@ async fn bad_token_is_refused_with_1008() {
 
     // A binary first message is not an OpenDataChannel.
     let (id, _token, url) = start_port_session(addr, 9).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut ws = connect_signed(&url, &Signer::test()).await.unwrap();
     ws.send(Message::Binary(bytes::Bytes::from_static(b"hello")))
         .await
         .unwrap();
@@ -85,9 +89,9 @@ async fn token_is_single_use_and_expires() {
     assert!(s.violations[0].detail.contains("already used"));
 
     // A resume token that is not used in time expires.
-    let token2 = resume(addr, &id).await;
+    let (token2, url2) = resume_session(addr, &id).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let mut late = open_ws(&url, &token2, CLIENT_ID).await;
+    let mut late = open_ws(&url2, &token2, CLIENT_ID).await;
     assert_eq!(close_code(&mut late).await, Some(1008));
     let s = sim.session(&id).unwrap();
     assert!(s.violations[1].detail.contains("expired"));
@@ -136,7 +140,7 @@ async fn handshake_request_is_the_first_frame() {
     );
     let s = session_json(addr, &id).await;
     assert_eq!(s["status"], "Connected");
-    assert_eq!(s["client_version"], "1.2.650.0");
+    assert_eq!(s["client_version"], CLIENT_VERSION);
     assert_eq!(s["client_id"], CLIENT_ID);
     assert_eq!(s["attached"], true);
     sim.shutdown().await;
@@ -206,8 +210,8 @@ async fn websocket_recycle_closes_with_1000_and_resume_works() {
     // Detached: the session is still alive and resumable.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(sim.session(&id).unwrap().status, "Disconnected");
-    let token2 = resume(addr, &id).await;
-    c.reconnect(open_ws(&url, &token2, CLIENT_ID).await).await;
+    let (token2, url2) = resume_session(addr, &id).await;
+    c.reconnect(open_ws(&url2, &token2, CLIENT_ID).await).await;
     let data = pattern(4096, 4);
     assert_eq!(mux.echo(&mut c, &data).await, data);
     let s = sim.session(&id).unwrap();
@@ -293,8 +297,8 @@ async fn cut_fault_drops_the_connection_without_close_frame() {
         Inbound::Closed(None) => {}
         other => panic!("expected an abrupt end, got {other:?}"),
     }
-    let token2 = resume(addr, &id).await;
-    c.reconnect(open_ws(&url, &token2, CLIENT_ID).await).await;
+    let (token2, url2) = resume_session(addr, &id).await;
+    c.reconnect(open_ws(&url2, &token2, CLIENT_ID).await).await;
     // max_cuts = 1: the second websocket survives.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let s = sim.session(&id).unwrap();
@@ -420,9 +424,10 @@ async fn port_session_survives_message_faults_and_resume() {
     assert_eq!(mux.echo(&mut c, &data).await, data);
 
     // Resume on a new websocket, keep going.
+    let (token2, url2) = resume_session(addr, &id).await;
     drop(std::mem::replace(
         &mut c.ws,
-        open_ws(&url, &resume(addr, &id).await, CLIENT_ID).await,
+        open_ws(&url2, &token2, CLIENT_ID).await,
     ));
     let pending: Vec<_> = c.unacked.values().cloned().collect();
     for m in pending {
@@ -458,7 +463,6 @@ async fn cut_after_bytes_is_survived_by_resume() {
     let resumer = Resumer {
         addr,
         session_id: id.clone(),
-        url: url.clone(),
         client_id: CLIENT_ID.into(),
         resumes: Default::default(),
     };
@@ -471,4 +475,300 @@ async fn cut_after_bytes_is_survived_by_resume() {
     assert_eq!(s.counters.faults_injected, 2);
     assert!(s.violations.is_empty(), "{:?}", s.violations);
     sim.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Upgrade admission: signatures, cell-numbers, ClientVersion (sim::admission)
+
+/// Attaches with `ws` (already upgraded), sends OpenDataChannel and completes the
+/// handshake: the session works.
+async fn works(ws: Ws, token: &str) -> HandClient {
+    let mut ws = ws;
+    ws.send(Message::text(open_data_channel_text(token, CLIENT_ID)))
+        .await
+        .unwrap();
+    let mut c = HandClient::new(ws);
+    c.handshake().await;
+    c
+}
+
+#[tokio::test]
+async fn unsigned_upgrade_is_refused_with_403_and_a_signed_one_works() {
+    let sim = start_default().await;
+    let addr = sim.local_addr();
+    let echo = echo_server().await;
+    let (id, token, url) = start_port_session(addr, echo).await;
+
+    let (status, body) = refused(connect_with(&url, &[]).await);
+    assert_eq!(status, 403);
+    assert!(body.contains("not signed"), "{body}");
+    let s = sim.session(&id).unwrap();
+    assert_eq!(s.counters.upgrades_refused, 1);
+    assert_eq!(s.counters.unsigned_upgrades, 1);
+    assert_eq!(s.counters.connections, 0);
+    assert_eq!(s.violations.len(), 1);
+    assert_eq!(s.violations[0].kind, ViolationKind::UpgradeRefused);
+    let u = &s.upgrades[0];
+    assert!(!u.accepted && !u.verified);
+    assert_eq!(u.refusal, Some(RefusalKind::Unsigned));
+    assert_eq!(u.auth, AuthKind::None);
+
+    let ws = connect_signed(&url, &Signer::test())
+        .await
+        .expect("signed upgrade");
+    let mut c = works(ws, &token).await;
+    let data = pattern(8192, 5);
+    assert_eq!(MuxClient::new().echo(&mut c, &data).await, data);
+    let s = sim.session(&id).unwrap();
+    assert_eq!(s.upgrades.len(), 2);
+    let u = &s.upgrades[1];
+    assert!(u.accepted && u.verified);
+    assert_eq!(u.auth, AuthKind::Header);
+    assert_eq!(u.access_key_id.as_deref(), Some(TEST_ACCESS_KEY_ID));
+    assert_eq!(u.cell_number, s.cell_number);
+    assert_eq!(s.counters.upgrades_refused, 1);
+    // Over HTTP too.
+    let v = session_json(addr, &id).await;
+    assert_eq!(v["upgrades"][0]["refusal"], "unsigned");
+    assert_eq!(v["upgrades"][1]["auth"], "header");
+    assert_eq!(v["counters"]["unsigned_upgrades"], 1);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_secret_region_or_token_is_refused() {
+    let sim =
+        start(SimConfig::default().with_credential("AKIDTEMP", "temp-secret", Some("tok-1"))).await;
+    let addr = sim.local_addr();
+    let (id, token, url) = start_port_session(addr, 9).await;
+    let wrong_secret = Signer {
+        secret: "not-the-secret".into(),
+        ..Signer::test()
+    };
+    let wrong_region = Signer {
+        region: "eu-west-1".into(),
+        ..Signer::test()
+    };
+    let unknown = Signer {
+        access_key_id: "AKIDNOBODY".into(),
+        ..Signer::test()
+    };
+    let temp = Signer {
+        access_key_id: "AKIDTEMP".into(),
+        secret: "temp-secret".into(),
+        session_token: Some("tok-1".into()),
+        region: REGION.into(),
+    };
+    let no_token = Signer {
+        session_token: None,
+        ..temp.clone()
+    };
+    for (signer, want) in [
+        (&wrong_secret, "signature mismatch"),
+        (&wrong_region, "region"),
+        (&unknown, "unknown access key id AKIDNOBODY"),
+        (&no_token, "X-Amz-Security-Token is missing"),
+    ] {
+        let (status, body) = refused(connect_signed(&url, signer).await);
+        assert_eq!(status, 403);
+        assert!(body.contains(want), "{want}: {body}");
+    }
+    // A header changed after signing.
+    let mut headers = Signer::test().headers(&url, unix_now());
+    headers[0].1 = sigv4::format_amz_date(unix_now() + 1);
+    let (status, body) = refused(connect_with(&url, &headers).await);
+    assert_eq!(
+        (status, body.contains("signature mismatch")),
+        (403, true),
+        "{body}"
+    );
+    // An old signature.
+    let headers = Signer::test().headers(&url, unix_now() - 3600);
+    let (status, body) = refused(connect_with(&url, &headers).await);
+    assert_eq!(
+        (status, body.contains("away from the simulator's clock")),
+        (403, true),
+        "{body}"
+    );
+
+    let s = sim.session(&id).unwrap();
+    assert_eq!(s.counters.upgrades_refused, 6);
+    assert_eq!(s.counters.unsigned_upgrades, 0);
+    assert!(
+        s.upgrades
+            .iter()
+            .all(|u| u.refusal == Some(RefusalKind::BadSignature))
+    );
+    assert_eq!(s.upgrades[2].access_key_id.as_deref(), Some("AKIDNOBODY"));
+
+    // Temporary credentials with their token.
+    let ws = connect_signed(&url, &temp)
+        .await
+        .expect("temporary credentials");
+    let _c = works(ws, &token).await;
+    let s = sim.session(&id).unwrap();
+    assert_eq!(
+        s.upgrades.last().unwrap().access_key_id.as_deref(),
+        Some("AKIDTEMP")
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn superseded_cell_number_is_refused_after_resume() {
+    let sim = start_default().await;
+    let addr = sim.local_addr();
+    let echo = echo_server().await;
+    let (id, token, url) = start_port_session(addr, echo).await;
+    let mut c = HandClient::new(open_ws(&url, &token, CLIENT_ID).await);
+    c.handshake().await;
+    let (token2, url2) = resume_session(addr, &id).await;
+    let old_cell = url.split_once("cell-number=").unwrap().1;
+    let new_cell = url2.split_once("cell-number=").unwrap().1;
+    assert_ne!(old_cell, new_cell);
+
+    let (status, body) = refused(connect_signed(&url, &Signer::test()).await);
+    assert_eq!(status, 403);
+    assert!(body.contains("superseded"), "{body}");
+    // A cell never issued.
+    let forged = format!(
+        "{}cell-number=+/AAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        url.split_once("cell-number=").unwrap().0
+    );
+    let (status, body) = refused(connect_signed(&forged, &Signer::test()).await);
+    assert_eq!(status, 403);
+    assert!(body.contains("never issued"), "{body}");
+
+    c.reconnect(open_ws(&url2, &token2, CLIENT_ID).await).await;
+    let data = pattern(4096, 8);
+    assert_eq!(MuxClient::new().echo(&mut c, &data).await, data);
+    let s = sim.session(&id).unwrap();
+    let kinds: Vec<_> = s.upgrades.iter().map(|u| (u.accepted, u.refusal)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (true, None),
+            (false, Some(RefusalKind::SupersededCellNumber)),
+            (false, Some(RefusalKind::UnknownCellNumber)),
+            (true, None)
+        ]
+    );
+    assert_eq!(s.upgrades[1].cell_number.as_deref(), Some(old_cell));
+    assert_eq!(s.upgrades[3].cell_number.as_deref(), Some(new_cell));
+    assert_eq!(s.counters.upgrades_refused, 2);
+    assert_eq!(s.counters.connections, 2);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn knobs_off_accept_unsigned_upgrades_and_superseded_cells() {
+    let sim = start(SimConfig {
+        require_signed_upgrades: false,
+        expire_superseded_cells: false,
+        ..SimConfig::default()
+    })
+    .await;
+    let addr = sim.local_addr();
+    let echo = echo_server().await;
+    let (id, token, url) = start_port_session(addr, echo).await;
+    let mut c = works(connect_with(&url, &[]).await.expect("unsigned"), &token).await;
+    // What plugins 1.2.764.0-1.2.814.0 do: resume, re-dial the original StreamUrl.
+    let (token2, _url2) = resume_session(addr, &id).await;
+    let mut ws = connect_with(&url, &[]).await.expect("superseded cell");
+    ws.send(Message::text(open_data_channel_text(&token2, CLIENT_ID)))
+        .await
+        .unwrap();
+    c.reconnect(ws).await;
+    let data = pattern(4096, 6);
+    assert_eq!(MuxClient::new().echo(&mut c, &data).await, data);
+    let s = sim.session(&id).unwrap();
+    assert_eq!(s.counters.unsigned_upgrades, 2);
+    assert_eq!(s.counters.upgrades_refused, 0);
+    assert!(s.upgrades.iter().all(|u| u.accepted && !u.verified));
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn presigned_stream_url_verifies_and_refuses_an_extra_authorization() {
+    let sim = start(SimConfig {
+        presigned_stream_urls: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let addr = sim.local_addr();
+    let (id, token, url) = start_port_session(addr, 9).await;
+    // What the plugin does with a presigned URL: dial it as is.
+    let (status, body) = refused(connect_signed(&url, &Signer::test()).await);
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("both a presigned URL and an Authorization header"),
+        "{body}"
+    );
+    let tampered = url.replace("role=publish_subscribe", "role=subscribe");
+    let (status, body) = refused(connect_with(&tampered, &[]).await);
+    assert_eq!(
+        (status, body.contains("signature mismatch")),
+        (403, true),
+        "{body}"
+    );
+    let _c = works(connect_with(&url, &[]).await.expect("presigned"), &token).await;
+    let s = sim.session(&id).unwrap();
+    let u = s.upgrades.last().unwrap();
+    assert!(u.accepted && u.verified);
+    assert_eq!(u.auth, AuthKind::Query);
+    assert_eq!(
+        u.access_key_id.as_deref(),
+        Some(bastion::sim::admission::PRESIGNER_ACCESS_KEY_ID)
+    );
+    assert_eq!(s.counters.upgrades_refused, 2);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn low_client_version_is_a_violation_unless_the_floor_is_off() {
+    for floor in [Some("1.2.764.0"), None] {
+        let sim = start(SimConfig {
+            min_client_version: floor.map(str::to_owned),
+            ..SimConfig::default()
+        })
+        .await;
+        let addr = sim.local_addr();
+        let (id, token, url) = start_port_session(addr, 9).await;
+        let mut ws = connect_signed(&url, &Signer::test()).await.unwrap();
+        ws.send(Message::text(open_data_channel_text_as(
+            &token,
+            CLIENT_ID,
+            "1.2.677.0",
+        )))
+        .await
+        .unwrap();
+        let mut c = HandClient::new(ws);
+        c.handshake_as("1.2.700.0").await;
+        let s = sim.session(&id).unwrap();
+        let details: Vec<&str> = s
+            .violations
+            .iter()
+            .filter(|v| v.kind == ViolationKind::ClientVersionUnsupported)
+            .map(|v| v.detail.as_str())
+            .collect();
+        if floor.is_some() {
+            assert_eq!(details.len(), 2, "{:?}", s.violations);
+            assert!(
+                details[0].contains("OpenDataChannel ClientVersion 1.2.677.0"),
+                "{}",
+                details[0]
+            );
+            assert!(
+                details[1].contains("HandshakeResponse ClientVersion 1.2.700.0"),
+                "{}",
+                details[1]
+            );
+            // The session still runs.
+            assert_eq!(s.status, "Connected");
+        } else {
+            assert!(s.violations.is_empty(), "{:?}", s.violations);
+        }
+        sim.shutdown().await;
+    }
 }

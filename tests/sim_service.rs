@@ -35,10 +35,10 @@ async fn start_session_port_document() {
     assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
     let token = v["TokenValue"].as_str().unwrap();
     assert!(!token.is_empty() && token.len() <= 300);
-    assert_eq!(
-        v["StreamUrl"],
-        format!("ws://{addr}/v1/data-channel/{id}?role=publish_subscribe")
-    );
+    let url = v["StreamUrl"].as_str().unwrap();
+    let prefix = format!("ws://{addr}/v1/data-channel/{id}?role=publish_subscribe&cell-number=");
+    let cell = url.strip_prefix(&prefix).unwrap_or_else(|| panic!("{url}"));
+    assert_cell_number(cell);
 
     let s = session_json(addr, id).await;
     assert_eq!(s["target"], TARGET);
@@ -210,6 +210,64 @@ async fn fail_start_session_knob() {
     sim.shutdown().await;
 }
 
+/// Standard base64 with a `+`, a `/` and padding, raw in the URL (as the service's),
+/// so that a client's canonical query is exercised.
+fn assert_cell_number(cell: &str) {
+    assert!(
+        cell.contains('+') && cell.contains('/') && cell.ends_with('='),
+        "{cell}"
+    );
+    use base64::Engine as _;
+    assert!(
+        base64::engine::general_purpose::STANDARD
+            .decode(cell)
+            .is_ok(),
+        "{cell}"
+    );
+}
+
+#[tokio::test]
+async fn presigned_stream_urls_carry_the_simulators_query_signature() {
+    let sim = start(SimConfig {
+        presigned_stream_urls: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let addr = sim.local_addr();
+    let (id, _, url) = start_session(addr, json!({"Target": TARGET})).await;
+    let query = url.split_once('?').unwrap().1;
+    let names: Vec<&str> = query
+        .split('&')
+        .map(|p| p.split_once('=').map_or(p, |(k, _)| k))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "role",
+            "cell-number",
+            "X-Amz-Algorithm",
+            "X-Amz-Credential",
+            "X-Amz-Date",
+            "X-Amz-Expires",
+            "X-Amz-SignedHeaders",
+            "X-Amz-Signature"
+        ]
+    );
+    assert!(
+        query.contains("X-Amz-Algorithm=AWS4-HMAC-SHA256&"),
+        "{query}"
+    );
+    assert!(query.contains("X-Amz-SignedHeaders=host&"), "{query}");
+    assert!(
+        query.contains("%2Fus-east-1%2Fssmmessages%2Faws4_request&"),
+        "{query}"
+    );
+    let (_, url2) = sim_util::resume_session(addr, &id).await;
+    assert!(url2.contains("X-Amz-Signature="), "{url2}");
+    assert_ne!(url2, url);
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn resume_session() {
     let sim = start_default().await;
@@ -219,7 +277,14 @@ async fn resume_session() {
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["SessionId"], id);
-    assert_eq!(v["StreamUrl"], url);
+    // Same endpoint and session, a fresh cell.
+    let url2 = v["StreamUrl"].as_str().unwrap();
+    let (base, cell) = url.split_once("&cell-number=").unwrap();
+    let (base2, cell2) = url2.split_once("&cell-number=").unwrap();
+    assert_eq!(base2, base);
+    assert_cell_number(cell2);
+    assert_ne!(cell2, cell);
+    assert_eq!(session_json(addr, &id).await["cell_number"], cell2);
     let token2 = v["TokenValue"].as_str().unwrap();
     assert!(!token2.is_empty());
     assert_ne!(token2, token);

@@ -268,26 +268,29 @@ pub struct StartRequest {
 #[derive(Clone, Debug)]
 pub struct SsmApi {
     client: aws_sdk_ssm::Client,
+    /// Signs the data-channel upgrades with the same region and credential chain.
+    signer: Option<crate::transport::upgrade_sign::UpgradeSigner>,
 }
 
 impl SsmApi {
     /// A client for `config`.
     pub fn new(config: &SdkConfig) -> SsmApi {
+        let signer = match (config.region(), config.credentials_provider()) {
+            (Some(region), Some(provider)) => Some(
+                crate::transport::upgrade_sign::UpgradeSigner::new(region.to_string(), provider),
+            ),
+            _ => None,
+        };
         SsmApi {
             client: aws_sdk_ssm::Client::new(config),
+            signer,
         }
     }
 
     /// The signer of the data-channel upgrades of this client's sessions: its region
     /// and its credential chain, resolved afresh at every dial.
     pub fn upgrade_signer(&self) -> Option<crate::transport::upgrade_sign::UpgradeSigner> {
-        let conf = self.client.config();
-        let region = conf.region()?.to_string();
-        #[allow(deprecated)]
-        let provider = conf.credentials_provider()?;
-        Some(crate::transport::upgrade_sign::UpgradeSigner::new(
-            region, provider,
-        ))
+        self.signer.clone()
     }
 
     /// StartSession.

@@ -67,6 +67,21 @@ enum Command {
     },
 }
 
+/// Runs the drop-in with `args` (its own argv, program name first). The StartSession
+/// response's environment variable is read and unset first, while this process has a
+/// single thread, so that no child (a `credential_process`, say) inherits the session
+/// token ([P] `session.go` fn `ValidateInputAndStartSession`: `os.Unsetenv`).
+fn run_plugin(args: Vec<String>) -> ExitCode {
+    let env_response = bastion::plugin::response_variable(&args).map(|name| {
+        let value = std::env::var(name).unwrap_or_default();
+        // SAFETY: nothing has started a thread yet (this runs first in `main`, before
+        // any runtime), so no other thread can read or write the environment meanwhile.
+        unsafe { std::env::remove_var(name) };
+        value
+    });
+    bastion::plugin::main(args, env_response)
+}
+
 fn main() -> ExitCode {
     // Drop-in for AWS's session-manager-plugin: run as `session-manager-plugin ARGS...`
     // (argv[0], e.g. through a symlink) or `bastionctl session-manager-plugin ARGS...`.
@@ -78,10 +93,10 @@ fn main() -> ExitCode {
             .is_some_and(|n| n.strip_suffix(".exe").unwrap_or(n) == PLUGIN_NAME)
     });
     if invoked_as_plugin {
-        return bastion::plugin::main(args);
+        return run_plugin(args);
     }
     if args.get(1).is_some_and(|a| a == PLUGIN_NAME) {
-        return bastion::plugin::main(args[1..].to_vec());
+        return run_plugin(args[1..].to_vec());
     }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()

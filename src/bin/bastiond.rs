@@ -5,7 +5,7 @@
 //! * `bastiond demo`: the daemon against the embedded simulator, with a demo service.
 //! * `bastiond sim`: the SSM simulator alone.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -137,7 +137,9 @@ fn parse_credential(s: &str) -> Result<(String, Credential), String> {
     let akid = parts.next().unwrap_or_default();
     let secret = parts.next().unwrap_or_default();
     if akid.is_empty() || secret.is_empty() {
-        return Err(format!("--credential {akid:?}...: expected AKID:SECRET[:TOKEN]"));
+        return Err(format!(
+            "--credential {akid:?}...: expected AKID:SECRET[:TOKEN]"
+        ));
     }
     let credential = Credential {
         secret_access_key: secret.to_owned(),
@@ -204,11 +206,7 @@ impl SimArgs {
 }
 
 fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(bastion::logging::env_filter("RUST_LOG", "info"))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    bastion::logging::init_stderr("RUST_LOG", "info");
 }
 
 async fn shutdown_signal() {

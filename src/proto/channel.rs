@@ -17,9 +17,17 @@
 //!   and buffered while the buffer has room, and dropped unacknowledged otherwise.
 //! * Acks are selective: an ack removes exactly the message with its sequence number
 //!   ([P] fn `ProcessAcknowledgedMessage`).
-//! * Unlike the references' "resend only the oldest message every 100 ms", every
-//!   unacknowledged message has its own retransmission timer: one RTO, doubled on each
-//!   retransmission of that message up to 8 RTO.
+//! * Every unacknowledged message has its own retransmission timer (one RTO, doubled on
+//!   each retransmission of that message up to 8 RTO), but an expiry resends only what
+//!   is evidently lost: a message the peer has passed (it acknowledged a later one), or,
+//!   when the peer acknowledged nothing for an RTO (a stall), only the oldest
+//!   unacknowledged message, as both references do ([P] `streaming.go` / [A]
+//!   `datachannel.go` fn `ResendStreamDataMessageScheduler`). See
+//!   [`Channel::handle_timeout`].
+//! * CreatedDate is the wall clock at the message's creation ([P] fn
+//!   `SendInputDataMessage`: `time.Now()`); the driver supplies it with
+//!   [`Channel::set_wall_clock`], and a retransmission resends the stored bytes, so it
+//!   keeps the original CreatedDate (and MessageId), as the references do.
 //! * Unlike the references' unbounded (plugin: evicting) outgoing buffer, the number
 //!   and bytes of unacknowledged messages are bounded; [`Channel::send`] refuses with
 //!   [`SendError::WindowFull`] instead of dropping data.
@@ -167,8 +175,9 @@ pub struct ChannelStats {
     pub bytes_sent: u64,
     /// Retransmissions (timer expiry or reconnect).
     pub retransmissions: u64,
-    /// Timer expiries that did not resend because the message was only queued behind
-    /// others (see [`Channel::handle_timeout`]).
+    /// Timer expiries that did not resend: the message was only queued behind others,
+    /// or the peer stalled and the message is not the oldest unacknowledged one (see
+    /// [`Channel::handle_timeout`]).
     pub deferred_retransmissions: u64,
     /// Stream-data messages delivered in order.
     pub messages_delivered: u64,
@@ -202,10 +211,18 @@ struct Outgoing {
     last_sent: Option<Instant>,
     transmissions: u32,
     deadline: Option<Instant>,
+    /// Its timer expired without a resend (see [`Channel::handle_timeout`]): it is
+    /// overdue, and is resent as soon as it becomes the oldest during a recovery.
+    overdue: bool,
 }
 
 /// Maps the monotonic `now` the caller passes to the wall-clock milliseconds written
-/// into CreatedDate.
+/// into CreatedDate: `base_unix_ms` at `base`, advancing with `now` from there.
+///
+/// The monotonic clock stops while a laptop sleeps (CLOCK_MONOTONIC on Linux, and
+/// `Instant` on macOS), so a mapping fixed at construction falls behind the wall clock
+/// by every suspend; the driver therefore rebases it with [`Channel::set_wall_clock`]
+/// each time it reads the clocks.
 #[derive(Clone, Copy, Debug)]
 struct WallClock {
     base: Instant,
@@ -215,10 +232,20 @@ struct WallClock {
 impl WallClock {
     fn unix_ms(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.base).as_millis();
-        let ms = self.base_unix_ms.saturating_add(elapsed as u64);
+        let elapsed = u64::try_from(elapsed).unwrap_or(u64::MAX);
         // CreatedDate must not be 0 ([P] `Validate`).
-        ms.max(1)
+        self.base_unix_ms.saturating_add(elapsed).max(1)
     }
+}
+
+/// What an expired retransmission timer does.
+enum Expiry {
+    /// Resend: the message is lost (a hole, or the oldest during a recovery).
+    Resend,
+    /// Resend the oldest message of a stalled peer, and start a recovery.
+    StallResend,
+    /// Re-arm the timer without resending.
+    Defer,
 }
 
 /// One end of a data channel. See the module documentation.
@@ -242,6 +269,9 @@ pub struct Channel {
     last_ack_at: Option<Instant>,
     /// The highest sequence number acknowledged so far.
     highest_acked: Option<i64>,
+    /// Set by a stall resend of the oldest message, cleared by an ack of a message sent
+    /// only once: while set, the oldest message is resent as soon as it is overdue.
+    recovering: bool,
     paused: bool,
     connected: bool,
     receive_ready: bool,
@@ -251,7 +281,8 @@ pub struct Channel {
 
 impl Channel {
     /// A new channel. `now` and `unix_ms` are the same instant on the monotonic and on
-    /// the wall clock; later CreatedDate values are derived from them.
+    /// the wall clock; CreatedDate values are derived from them until the next
+    /// [`Channel::set_wall_clock`].
     pub fn new(role: Role, config: ChannelConfig, now: Instant, unix_ms: u64) -> Channel {
         Channel {
             role,
@@ -272,12 +303,31 @@ impl Channel {
             rtt: RttEstimator::default(),
             last_ack_at: None,
             highest_acked: None,
+            recovering: false,
             paused: false,
             connected: true,
             receive_ready: true,
             closed: None,
             stats: ChannelStats::default(),
         }
+    }
+
+    /// Rebases the CreatedDate clock: a message created at `now` is stamped `unix_ms`,
+    /// one created later `unix_ms` plus the monotonic time since `now`.
+    ///
+    /// [P] stamps `time.Now()` when it builds each message (fn `SendInputDataMessage`,
+    /// `SerializeClientMessageWithAcknowledgeContent`). To stay clock-free, the channel
+    /// takes the wall clock as an input instead: the driver calls this with the two
+    /// clocks read together, at least once per loop turn (before feeding that turn's
+    /// inputs), so a jump of the wall clock (a laptop suspend, an NTP step) shows in the
+    /// next message exactly. Messages already queued keep their stamp, and
+    /// retransmissions resend the stored bytes unchanged, as [P] and [A] do (fn
+    /// `ResendStreamDataMessageScheduler` sends `streamMessage.Content`).
+    pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.clock = WallClock {
+            base: now,
+            base_unix_ms: unix_ms,
+        };
     }
 
     /// This channel's role.
@@ -342,6 +392,7 @@ impl Channel {
                 last_sent: None,
                 transmissions: 0,
                 deadline: None,
+                overdue: false,
             },
         );
         if self.connected {
@@ -363,6 +414,7 @@ impl Channel {
             self.stats.retransmissions += 1;
         }
         out.transmissions += 1;
+        out.overdue = false;
         out.first_sent.get_or_insert(now);
         out.last_sent = Some(now);
         let deadline = now + rto;
@@ -417,8 +469,29 @@ impl Channel {
         None
     }
 
-    /// Retransmits every message whose timer expired at or before `now`, and gives up
-    /// on one that has waited longer than [`ChannelConfig::give_up_after`].
+    /// Runs the retransmission timers that expired at or before `now`, and gives up
+    /// once the oldest unacknowledged message has waited longer than
+    /// [`ChannelConfig::give_up_after`].
+    ///
+    /// An expiry resends the message only when it is evidently lost (the rules, with
+    /// sources, are in `proto-docs/channel.md` §6):
+    ///
+    /// 1. **Stall** (no acknowledgement matched for an RTO): only the oldest
+    ///    unacknowledged message is resent; every other expiry is deferred by an RTO.
+    ///    Both references resend only the front of their outgoing list ([P]
+    ///    `streaming.go` / [A] `datachannel.go` fn `ResendStreamDataMessageScheduler`),
+    ///    so a peer that stopped acknowledging gets one message per timeout, not the
+    ///    whole window.
+    /// 2. **Hole** (acks flow and the peer acknowledged a later message): resent, since
+    ///    a websocket delivers in order and the peer has passed it.
+    /// 3. **Queued** (acks flow, nothing later acknowledged): deferred by an RTO; it is
+    ///    on its way behind the messages sent before it (commit 3eb03ce: resending those
+    ///    resent the whole window of a bulk upload again and again).
+    /// 4. **Recovery**: after a stall resend, the oldest message is resent as soon as it
+    ///    is overdue (when the previous oldest is acknowledged), as [P]'s next 100 ms
+    ///    tick would, so messages the peer dropped during the stall are recovered one
+    ///    per round trip. Recovery ends with an acknowledgement that answers a first
+    ///    transmission (see `handle_ack`).
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.closed.is_some() || !self.connected {
             return;
@@ -434,49 +507,66 @@ impl Channel {
             if out.deadline != Some(deadline) {
                 continue;
             }
-            if let (Some(limit), Some(first)) = (self.config.give_up_after, out.first_sent)
-                && now.saturating_duration_since(first) >= limit
-            {
+            if let Some(oldest) = self.given_up(now) {
                 self.close(CloseReason::ResendTimeout {
-                    sequence_number: seq,
+                    sequence_number: oldest,
                 });
                 return;
             }
-            if self.probably_queued(seq, now) {
-                let deadline = now + self.rtt.rto();
-                if let Some(out) = self.unacked.get_mut(&seq) {
-                    out.deadline = Some(deadline);
+            match self.on_expiry(seq, now) {
+                Expiry::Resend => self.transmit_seq(seq, now),
+                Expiry::StallResend => {
+                    self.recovering = true;
+                    self.transmit_seq(seq, now);
                 }
-                self.timers.push(Reverse((deadline, seq)));
-                self.stats.deferred_retransmissions += 1;
-                if self.timers.len() > 2 * self.unacked.len() + 64 {
-                    self.rebuild_timers();
-                }
-                continue;
+                Expiry::Defer => self.defer(seq, now),
             }
-            self.transmit_seq(seq, now);
         }
     }
 
-    /// Whether an unacknowledged message whose timer expired is most likely still queued
-    /// on its way (behind the messages sent before it) rather than lost: the peer
-    /// acknowledged something within the last RTO, and nothing sent after this message.
-    ///
-    /// With up to [`ChannelConfig::max_in_flight_messages`] in flight, a bulk upload
-    /// queues seconds' worth of messages at the peer, far beyond an RTO learnt while the
-    /// link was idle; resending every message whose timer expires then resends the
-    /// whole window again and again (the simulator saw 1–5 copies of each message of a
-    /// 64 MiB upload), which deepens the queue it reacts to. The references avoid this
-    /// by resending only the oldest message once per 100 ms tick ([P] `streaming.go` fn
-    /// `ResendStreamDataMessageScheduler`), which recovers slowly from several losses.
-    /// Here a message is resent at once when the peer acknowledged a later one (a hole:
-    /// lost) or acknowledged nothing for an RTO (a stall); otherwise its timer is armed
-    /// again.
-    fn probably_queued(&self, seq: i64, now: Instant) -> bool {
+    /// The oldest unacknowledged sequence number, if it has waited at least
+    /// [`ChannelConfig::give_up_after`] since its first transmission. Sequence order is
+    /// first-transmission order, so no other message can have waited longer.
+    fn given_up(&self, now: Instant) -> Option<i64> {
+        let limit = self.config.give_up_after?;
+        let (&oldest, out) = self.unacked.first_key_value()?;
+        let first = out.first_sent?;
+        (now.saturating_duration_since(first) >= limit).then_some(oldest)
+    }
+
+    /// What an expired timer of `seq` does (rules in [`Channel::handle_timeout`]).
+    fn on_expiry(&self, seq: i64, now: Instant) -> Expiry {
+        let oldest = self.unacked.first_key_value().map(|(&s, _)| s) == Some(seq);
         let acks_flowing = self
             .last_ack_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.rtt.rto());
-        acks_flowing && self.highest_acked.is_none_or(|h| h < seq)
+        if !acks_flowing {
+            return if oldest {
+                Expiry::StallResend
+            } else {
+                Expiry::Defer
+            };
+        }
+        let passed = self.highest_acked.is_some_and(|h| h > seq);
+        if passed || (oldest && self.recovering) {
+            Expiry::Resend
+        } else {
+            Expiry::Defer
+        }
+    }
+
+    /// Re-arms the timer of `seq` one RTO from `now` without resending it.
+    fn defer(&mut self, seq: i64, now: Instant) {
+        let deadline = now + self.rtt.rto();
+        if let Some(out) = self.unacked.get_mut(&seq) {
+            out.deadline = Some(deadline);
+            out.overdue = true;
+        }
+        self.timers.push(Reverse((deadline, seq)));
+        self.stats.deferred_retransmissions += 1;
+        if self.timers.len() > 2 * self.unacked.len() + 64 {
+            self.rebuild_timers();
+        }
     }
 
     /// Tells the channel the websocket is gone: nothing is transmitted and no timer
@@ -572,6 +662,15 @@ impl Channel {
         Ok(())
     }
 
+    /// Removes the acknowledged message, samples the RTT, and during a recovery (see
+    /// [`Channel::handle_timeout`]) makes an overdue oldest message due at once.
+    ///
+    /// Recovery ends when the peer evidently receives first transmissions again: an ack
+    /// of a message sent only once, or of a retransmitted one sooner than half a
+    /// smoothed RTT after its last copy went out, which can only answer an earlier copy
+    /// (the retransmission was spurious: the peer was slow, not losing messages; the
+    /// heuristic of Allman and Paxson, "On estimating end-to-end network path
+    /// properties", 1999).
     fn handle_ack(&mut self, sequence_number: i64, now: Instant) {
         let Some(out) = self.unacked.remove(&sequence_number) else {
             self.stats.unknown_acks += 1;
@@ -584,11 +683,25 @@ impl Channel {
             self.highest_acked
                 .map_or(sequence_number, |h| h.max(sequence_number)),
         );
-        // Karn's rule: a sample from a retransmitted message is ambiguous.
-        if out.transmissions == 1
-            && let Some(sent) = out.last_sent
+        let since_last = out.last_sent.map(|sent| now.saturating_duration_since(sent));
+        if out.transmissions == 1 {
+            // Karn's rule: a sample from a retransmitted message is ambiguous.
+            if let Some(rtt) = since_last {
+                self.rtt.on_sample(rtt);
+            }
+            self.recovering = false;
+        } else if since_last.is_some_and(|d| d < self.rtt.srtt() / 2) {
+            self.recovering = false;
+        }
+        if self.unacked.is_empty() {
+            self.recovering = false;
+        }
+        if self.recovering
+            && let Some((&oldest, front)) = self.unacked.iter_mut().next()
+            && front.overdue
         {
-            self.rtt.on_sample(now.saturating_duration_since(sent));
+            front.deadline = Some(now);
+            self.timers.push(Reverse((now, oldest)));
         }
     }
 

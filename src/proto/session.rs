@@ -246,7 +246,8 @@ impl fmt::Debug for ClientSession {
 
 impl ClientSession {
     /// A session whose websocket is about to be opened. `now` / `unix_ms` are the same
-    /// instant on the monotonic and the wall clock.
+    /// instant on the monotonic and the wall clock (see
+    /// [`ClientSession::set_wall_clock`]).
     pub fn new(config: ClientConfig, now: Instant, unix_ms: u64) -> ClientSession {
         let channel = Channel::new(Role::Client, config.channel.clone(), now, unix_ms);
         ClientSession {
@@ -261,6 +262,19 @@ impl ClientSession {
             info: None,
             events: VecDeque::new(),
         }
+    }
+
+    /// Rebases the CreatedDate clock: messages created at `now` are stamped `unix_ms`
+    /// (milliseconds since the Unix epoch), later ones `unix_ms` plus the monotonic time
+    /// since `now` ([`Channel::set_wall_clock`]).
+    ///
+    /// Driver duty: call it with both clocks read together at the start of every loop
+    /// turn, before that turn's `handle_frame` / `handle_timeout` / `send_*` calls. The
+    /// monotonic clock stops during a suspend while the wall clock does not; without
+    /// this, CreatedDate would fall behind by every laptop sleep, where [P] stamps
+    /// `time.Now()` on each message.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.channel.set_wall_clock(now, unix_ms);
     }
 
     /// The TEXT message to send first on every (re)connected websocket, with a new

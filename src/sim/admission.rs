@@ -90,7 +90,11 @@ fn url_host(shared: &Shared, headers: &HeaderMap) -> String {
 /// Issues a new cell for `session` and returns the StreamUrl that names it
 /// (`ws://<host>/v1/data-channel/<id>?role=publish_subscribe&cell-number=<b64>`, raw
 /// `+`, `/` and `=` as the service sends them), presigned when configured.
-pub(crate) fn issue_stream_url(shared: &Shared, headers: &HeaderMap, session: &SimSession) -> String {
+pub(crate) fn issue_stream_url(
+    shared: &Shared,
+    headers: &HeaderMap,
+    session: &SimSession,
+) -> String {
     let cell = session.issue_cell();
     let host = url_host(shared, headers);
     let path = format!("/v1/data-channel/{}", session.id);
@@ -140,7 +144,9 @@ pub enum Refusal {
     #[error("{0}")]
     Signature(#[from] SigError),
     /// The StreamUrl was presigned, the upgrade was not.
-    #[error("the StreamUrl is presigned: the upgrade must carry its query signature, not an Authorization header")]
+    #[error(
+        "the StreamUrl is presigned: the upgrade must carry its query signature, not an Authorization header"
+    )]
     PresignRequired,
     /// No cell number.
     #[error("the upgrade names no cell-number")]
@@ -338,7 +344,10 @@ mod tests {
     fn cell_numbers_exercise_canonicalisation() {
         for _ in 0..100 {
             let c = new_cell_number();
-            assert!(c.contains('+') && c.contains('/') && c.ends_with('='), "{c}");
+            assert!(
+                c.contains('+') && c.contains('/') && c.ends_with('='),
+                "{c}"
+            );
             assert_eq!(c.len(), 28);
         }
         assert_ne!(new_cell_number(), new_cell_number());

@@ -54,10 +54,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use admission::{Refusal, RefusalKind, UpgradeRecord};
 pub use ec2::Ec2Targets;
 pub use faults::{DirectionFaults, Faults};
 pub use report::{Counters, SessionReport, Violation, ViolationKind};
-pub use admission::{Refusal, RefusalKind, UpgradeRecord};
 pub use session::SessionSnapshot;
 pub use sigv4::{AuthKind, Credential, Credentials};
 

@@ -106,7 +106,9 @@ pub enum SigError {
     #[error("X-Amz-Date {0:?} is not of the form YYYYMMDDTHHMMSSZ")]
     MalformedDate(String),
     /// `X-Amz-Date` too far from now.
-    #[error("X-Amz-Date {amz_date} is {skew_secs} s away from the simulator's clock (at most {MAX_SKEW_SECS} s allowed)")]
+    #[error(
+        "X-Amz-Date {amz_date} is {skew_secs} s away from the simulator's clock (at most {MAX_SKEW_SECS} s allowed)"
+    )]
     DateSkew {
         /// The header value.
         amz_date: String,
@@ -151,7 +153,9 @@ pub enum SigError {
     #[error("X-Amz-Security-Token does not match the session token of {0}")]
     SessionTokenMismatch(String),
     /// The signature does not match the request.
-    #[error("signature mismatch for {0} (the request was changed after signing, or a wrong secret or canonical form was used)")]
+    #[error(
+        "signature mismatch for {0} (the request was changed after signing, or a wrong secret or canonical form was used)"
+    )]
     SignatureMismatch(String),
     /// A presigned URL without one of its required parameters.
     #[error("presigned URL without {0}")]
@@ -223,7 +227,10 @@ fn parse_auth<'a>(
             ))
         })?;
     let signed: Vec<&str> = signed_headers.split(';').collect();
-    if signed.iter().any(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase())) {
+    if signed
+        .iter()
+        .any(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase()))
+    {
         return Err(SigError::MalformedAuthorization(format!(
             "SignedHeaders {signed_headers:?} must be lowercase names separated by ';'"
         )));
@@ -348,7 +355,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 /// Hex (either case) to bytes; `None` if not an even number of hex digits.
 fn from_hex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     b.chunks(2)
@@ -593,7 +600,8 @@ pub fn verify_header(
     let authorization = header_str(req.headers, "authorization").ok_or(SigError::Unsigned)?;
     let auth = parse_authorization(authorization)?;
     let amz_date = header_str(req.headers, "x-amz-date").ok_or(SigError::MissingDate)?;
-    let at = parse_amz_date(amz_date).ok_or_else(|| SigError::MalformedDate(amz_date.to_owned()))?;
+    let at =
+        parse_amz_date(amz_date).ok_or_else(|| SigError::MalformedDate(amz_date.to_owned()))?;
     if (at - now_unix).abs() > MAX_SKEW_SECS {
         return Err(SigError::DateSkew {
             amz_date: amz_date.to_owned(),
@@ -633,8 +641,7 @@ pub fn verify_query(
     let expires = param("X-Amz-Expires")?;
     let signed_headers = param("X-Amz-SignedHeaders")?;
     let signature = param("X-Amz-Signature")?;
-    let at =
-        parse_amz_date(&amz_date).ok_or_else(|| SigError::MalformedDate(amz_date.clone()))?;
+    let at = parse_amz_date(&amz_date).ok_or_else(|| SigError::MalformedDate(amz_date.clone()))?;
     let expires_secs = expires
         .parse::<i64>()
         .ok()

@@ -350,6 +350,19 @@ impl Drop for MariaDbServer {
     }
 }
 
+/// The credential [`DaemonProcess`] gives the daemon (tests/sim_util's `start` registers
+/// it too).
+pub const DAEMON_ACCESS_KEY_ID: &str = "AKIDDAEMON";
+/// Its secret.
+pub const DAEMON_SECRET: &str = "secret-test-key";
+
+/// `config` with the daemon's credential registered, so that the simulator accepts the
+/// daemon's signed upgrades.
+#[allow(dead_code)]
+pub fn with_daemon_credential(config: bastion::sim::SimConfig) -> bastion::sim::SimConfig {
+    config.with_credential(DAEMON_ACCESS_KEY_ID, DAEMON_SECRET, None)
+}
+
 /// A daemon profile (TOML) forwarding `127.0.0.1:local_port` to `127.0.0.1:remote_port`
 /// through instance `i-0123456789abcdef0`, listening from the start.
 pub fn profile(name: &str, remote_port: u16, local_port: u16) -> String {
@@ -466,8 +479,8 @@ impl DaemonProcess {
             .arg("--socket")
             .arg(&socket)
             .env("AWS_ENDPOINT_URL_SSM", endpoint)
-            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-            .env("AWS_SECRET_ACCESS_KEY", "secret-test-key")
+            .env("AWS_ACCESS_KEY_ID", DAEMON_ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", DAEMON_SECRET)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "debug")

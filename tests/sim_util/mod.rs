@@ -14,7 +14,7 @@ use bastion::proto::payload::{
     HandshakeResponse, OpenDataChannelInput, ProcessedClientAction, from_json, to_json,
 };
 use bastion::proto::smux::{Config as SmuxConfig, Event, Role, Session as Smux, StreamRead};
-use bastion::proto::version::DEFAULT_CLIENT_VERSION;
+use bastion::sim::sigv4;
 use bastion::sim::{SimConfig, SimHandle, Simulator};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
@@ -40,9 +41,34 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// The hand client's credential, also the one the drop-in tests give the plugin
+/// (tests/plugin_dropin.rs, tests/awscli_dropin.rs).
+pub const TEST_ACCESS_KEY_ID: &str = "AKIDTEST";
+pub const TEST_SECRET: &str = "dummy-secret";
+/// The credential tests/e2e_util's `DaemonProcess` gives the daemon (kept in step with
+/// it: tests include either helper module or both).
+pub const DAEMON_ACCESS_KEY_ID: &str = "AKIDDAEMON";
+pub const DAEMON_SECRET: &str = "secret-test-key";
+/// The simulator's default region, the one every harness signs for.
+pub const REGION: &str = "us-east-1";
+/// The ClientVersion the hand client reports (explicit: not the product's constant,
+/// which the simulator's version floor must not silently follow).
+pub const CLIENT_VERSION: &str = "1.2.896.0";
+
+/// `config` with the credentials the harnesses hand out registered.
+pub fn with_test_credentials(config: SimConfig) -> SimConfig {
+    config
+        .with_credential(TEST_ACCESS_KEY_ID, TEST_SECRET, None)
+        .with_credential(DAEMON_ACCESS_KEY_ID, DAEMON_SECRET, None)
+}
+
+/// Starts a simulator with the harnesses' credentials registered.
 pub async fn start(config: SimConfig) -> SimHandle {
     init_tracing();
-    Simulator::bind(config).await.expect("bind").spawn()
+    Simulator::bind(with_test_credentials(config))
+        .await
+        .expect("bind")
+        .spawn()
 }
 
 pub async fn start_default() -> SimHandle {
@@ -220,10 +246,20 @@ pub async fn start_port_session(addr: SocketAddr, port: u16) -> (String, String,
     .await
 }
 
-pub async fn resume(addr: SocketAddr, session_id: &str) -> String {
+/// ResumeSession that must succeed: (TokenValue, StreamUrl).
+pub async fn resume_session(addr: SocketAddr, session_id: &str) -> (String, String) {
     let r = ssm(addr, "ResumeSession", json!({ "SessionId": session_id })).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["TokenValue"].as_str().unwrap().to_owned()
+    let v = r.json();
+    (
+        v["TokenValue"].as_str().unwrap().to_owned(),
+        v["StreamUrl"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// ResumeSession that must succeed: the TokenValue (its new StreamUrl is dropped).
+pub async fn resume(addr: SocketAddr, session_id: &str) -> String {
+    resume_session(addr, session_id).await.0
 }
 
 /// Asserts that the simulator saw no protocol violation in any session (through the
@@ -379,19 +415,130 @@ pub fn now_ms() -> u64 {
 }
 
 pub fn open_data_channel_text(token: &str, client_id: &str) -> String {
+    open_data_channel_text_as(token, client_id, CLIENT_VERSION)
+}
+
+pub fn open_data_channel_text_as(token: &str, client_id: &str, client_version: &str) -> String {
     serde_json::to_string(&OpenDataChannelInput {
         message_schema_version: "1.0".into(),
         request_id: Uuid::new_v4().to_string(),
         token_value: token.into(),
         client_id: client_id.into(),
-        client_version: DEFAULT_CLIENT_VERSION.into(),
+        client_version: client_version.into(),
     })
     .unwrap()
 }
 
-/// Connects the websocket and sends OpenDataChannel.
+/// Who signs an upgrade, and for which region.
+#[derive(Clone, Debug)]
+pub struct Signer {
+    pub access_key_id: String,
+    pub secret: String,
+    pub session_token: Option<String>,
+    pub region: String,
+}
+
+impl Signer {
+    /// The hand client's credential ([`TEST_ACCESS_KEY_ID`]).
+    pub fn test() -> Signer {
+        Signer {
+            access_key_id: TEST_ACCESS_KEY_ID.into(),
+            secret: TEST_SECRET.into(),
+            session_token: None,
+            region: REGION.into(),
+        }
+    }
+
+    /// The headers a current plugin adds to the upgrade GET of `url` at `now_unix`
+    /// (`X-Amz-Date`, `X-Amz-Security-Token`, `Authorization`), built from the
+    /// specification's steps with the verifier's canonical-form functions.
+    pub fn headers(&self, url: &str, now_unix: i64) -> Vec<(String, String)> {
+        let rest = url.split_once("://").expect("scheme").1;
+        let (authority, path_query) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (path, query) = path_query.split_once('?').unwrap_or((path_query, ""));
+        let amz_date = sigv4::format_amz_date(now_unix);
+        let mut added = vec![("x-amz-date".to_owned(), amz_date.clone())];
+        if let Some(t) = &self.session_token {
+            added.push(("x-amz-security-token".to_owned(), t.clone()));
+        }
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("host", authority.parse().unwrap());
+        for (k, v) in &added {
+            headers.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let mut signed: Vec<&str> = vec!["host"];
+        signed.extend(added.iter().map(|(k, _)| k.as_str()));
+        signed.sort();
+        let req = sigv4::Request {
+            method: "GET",
+            path,
+            query,
+            headers: &headers,
+        };
+        let creq = sigv4::canonical_request(&req, &signed, None).unwrap();
+        let date = &amz_date[..8];
+        let scope = format!("{date}/{}/ssmmessages/aws4_request", self.region);
+        let key = sigv4::signing_key(&self.secret, date, &self.region, "ssmmessages");
+        let signature = sigv4::sign(&key, &sigv4::string_to_sign(&amz_date, &scope, &creq));
+        added.push((
+            "authorization".to_owned(),
+            format!(
+                "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={}, Signature={signature}",
+                self.access_key_id,
+                signed.join(";")
+            ),
+        ));
+        added
+    }
+}
+
+pub fn unix_now() -> i64 {
+    (now_ms() / 1000) as i64
+}
+
+/// Upgrades to `url` with these extra headers; the error (e.g. an HTTP 403) if refused.
+pub async fn connect_with(
+    url: &str,
+    headers: &[(String, String)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = url.into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Upgrades to `url` signed as `signer` would sign it now.
+pub async fn connect_signed(
+    url: &str,
+    signer: &Signer,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    connect_with(url, &signer.headers(url, unix_now())).await
+}
+
+/// Status and body of a refused upgrade (panics if it was accepted).
+pub fn refused(r: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> (u16, String) {
+    match r {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("the upgrade was accepted"),
+    }
+}
+
+/// Connects the websocket (signed with the test credential) and sends OpenDataChannel.
 pub async fn open_ws(url: &str, token: &str, client_id: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    let mut ws = connect_signed(url, &Signer::test())
         .await
         .expect("websocket connect");
     ws.send(Message::text(open_data_channel_text(token, client_id)))
@@ -579,13 +726,18 @@ impl HandClient {
 
     /// Waits for the HandshakeRequest, answers it, waits for HandshakeComplete.
     pub async fn handshake(&mut self) -> HandshakeRequest {
+        self.handshake_as(CLIENT_VERSION).await
+    }
+
+    /// [`HandClient::handshake`] reporting `client_version` in the HandshakeResponse.
+    pub async fn handshake_as(&mut self, client_version: &str) -> HandshakeRequest {
         let m = self.recv_data(Duration::from_secs(10)).await;
         assert_eq!(m.payload_type, PayloadType::HandshakeRequest);
         assert_eq!(m.sequence_number, 0);
         assert_eq!(m.flags, 1);
         let req: HandshakeRequest = from_json("HandshakeRequest", &m.payload).unwrap();
         let resp = HandshakeResponse {
-            client_version: DEFAULT_CLIENT_VERSION.into(),
+            client_version: client_version.into(),
             processed_client_actions: req
                 .requested_client_actions
                 .iter()
@@ -624,11 +776,10 @@ impl HandClient {
     }
 }
 
-/// What a client needs to resume a session.
+/// What a client needs to resume a session (each resume dials the new StreamUrl).
 pub struct Resumer {
     pub addr: SocketAddr,
     pub session_id: String,
-    pub url: String,
     pub client_id: String,
     pub resumes: std::sync::atomic::AtomicU64,
 }
@@ -688,9 +839,9 @@ impl MuxClient {
                     let r = resume_with.unwrap();
                     r.resumes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tracing::info!(?how, "test client: resuming");
-                    let token = resume(r.addr, &r.session_id).await;
+                    let (token, url) = resume_session(r.addr, &r.session_id).await;
                     client
-                        .reconnect(open_ws(&r.url, &token, &r.client_id).await)
+                        .reconnect(open_ws(&url, &token, &r.client_id).await)
                         .await;
                 }
                 other => panic!("unexpected {other:?} after {} bytes", got.len()),

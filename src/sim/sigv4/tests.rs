@@ -131,12 +131,22 @@ fn vector_b_long_term_keys_verify() {
         hex::encode(Sha256::digest(creq.as_bytes())),
         "69e355524b5e58130c1d72e9b992abeaf6a1a9a648f253c3f5b0c2ea999cc547"
     );
-    assert_eq!(verify(&r, &long_term(), REGION, now()).unwrap().access_key_id, AKID);
+    assert_eq!(
+        verify(&r, &long_term(), REGION, now())
+            .unwrap()
+            .access_key_id,
+        AKID
+    );
     // Long-term keys registered, but the request claims a token: refused.
     let mut with_token = h.clone();
     with_token.insert("x-amz-security-token", TOKEN.parse().unwrap());
     assert_eq!(
-        verify(&req(B_PATH, B_QUERY, &with_token), &long_term(), REGION, now()),
+        verify(
+            &req(B_PATH, B_QUERY, &with_token),
+            &long_term(),
+            REGION,
+            now()
+        ),
         Err(SigError::HeaderNotSigned("x-amz-security-token"))
     );
 }
@@ -192,7 +202,12 @@ fn scope_must_name_this_region_and_ssmmessages() {
 
 #[test]
 fn required_headers_must_be_signed() {
-    let h = headers_a(&authorization(REGION, SERVICE, "host;x-amz-date", A_SIGNATURE));
+    let h = headers_a(&authorization(
+        REGION,
+        SERVICE,
+        "host;x-amz-date",
+        A_SIGNATURE,
+    ));
     assert_eq!(
         verify(&req(A_PATH, A_QUERY, &h), &temporary(), REGION, now()),
         Err(SigError::HeaderNotSigned("x-amz-security-token"))
@@ -240,7 +255,10 @@ fn an_old_or_future_date_fails() {
     );
     assert!(matches!(
         verify(&r, &temporary(), REGION, now() - 3600),
-        Err(SigError::DateSkew { skew_secs: 3600, .. })
+        Err(SigError::DateSkew {
+            skew_secs: 3600,
+            ..
+        })
     ));
     // Scope date of another day than X-Amz-Date.
     let mut h = headers_a(&auth_a().replace("/20260102/", "/20260101/"));
@@ -277,7 +295,10 @@ fn unknown_key_and_wrong_token_fail() {
 fn tampering_after_signing_fails() {
     // A signed header changed.
     let mut h = headers_a(&auth_a());
-    h.insert("host", "ssmmessages.us-east-2.amazonaws.com".parse().unwrap());
+    h.insert(
+        "host",
+        "ssmmessages.us-east-2.amazonaws.com".parse().unwrap(),
+    );
     assert_eq!(
         verify(&req(A_PATH, A_QUERY, &h), &temporary(), REGION, now()),
         Err(SigError::SignatureMismatch(AKID.into()))
@@ -297,7 +318,10 @@ fn tampering_after_signing_fails() {
     }
     // The path sent escaped: `%40` on the wire canonicalizes as `%2540`.
     let escaped = "/v1/data-channel/alice%40example.com-0a1b2c3d4e5f67890";
-    assert_eq!(canonical_uri(escaped), "/v1/data-channel/alice%2540example.com-0a1b2c3d4e5f67890");
+    assert_eq!(
+        canonical_uri(escaped),
+        "/v1/data-channel/alice%2540example.com-0a1b2c3d4e5f67890"
+    );
     assert_eq!(
         verify(&req(escaped, A_QUERY, &h), &temporary(), REGION, now()),
         Err(SigError::SignatureMismatch(AKID.into()))
