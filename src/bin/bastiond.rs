@@ -43,7 +43,7 @@ enum Command {
     ///
     /// Prints exactly one line, `listening http://127.0.0.1:PORT`, on stdout once ready;
     /// logs go to stderr (RUST_LOG, default info).
-    Sim(SimArgs),
+    Sim(Box<SimArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -577,7 +577,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Run(args)) => run_daemon(cli.config, args),
         Some(Command::Demo) => run_demo(),
-        Some(Command::Sim(args)) => run_sim(args),
+        Some(Command::Sim(args)) => run_sim(*args),
         None => {
             eprintln!(
                 "bastiond {}: choose a command: run, demo, sim (or --check-config); see --help",

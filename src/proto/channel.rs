@@ -683,7 +683,9 @@ impl Channel {
             self.highest_acked
                 .map_or(sequence_number, |h| h.max(sequence_number)),
         );
-        let since_last = out.last_sent.map(|sent| now.saturating_duration_since(sent));
+        let since_last = out
+            .last_sent
+            .map(|sent| now.saturating_duration_since(sent));
         if out.transmissions == 1 {
             // Karn's rule: a sample from a retransmitted message is ambiguous.
             if let Some(rtt) = since_last {
@@ -1027,9 +1029,21 @@ mod tests {
         assert_eq!(c.rtt().rto(), Duration::from_millis(170));
     }
 
+    /// Runs every timer due at `now`, as a driver does after each input.
+    fn fire(c: &mut Channel, now: Instant) {
+        while c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+    }
+
+    fn ack_frame(a: &mut Channel, frame: &Bytes, now: Instant) -> Bytes {
+        a.handle_frame(frame.clone(), now).unwrap();
+        frames(a).remove(0)
+    }
+
     #[test]
-    fn unacked_messages_are_resent_after_rto_each_on_its_own_timer() {
-        let (mut c, _, now) = pair();
+    fn in_a_stall_only_the_oldest_is_resent_and_the_next_after_its_ack() {
+        let (mut c, mut a, now) = pair();
         c.send(PayloadType::Output, Bytes::from_static(b"a"), now)
             .unwrap();
         let t1 = now + Duration::from_millis(50);
@@ -1042,10 +1056,186 @@ mod tests {
         c.handle_timeout(now + Duration::from_millis(200));
         let re = frames(&mut c);
         assert_eq!(re, vec![first[0].clone()], "same bytes, same seq and id");
+        // No ack at all: "b" is not the oldest, so its expiry does not resend it.
         assert_eq!(c.poll_timeout(), Some(t1 + Duration::from_millis(200)));
         c.handle_timeout(t1 + Duration::from_millis(200));
+        assert!(frames(&mut c).is_empty());
+        assert_eq!(c.stats().deferred_retransmissions, 1);
+        // "a" is acknowledged (100 ms after its resend): "b" is now the oldest and
+        // overdue, so it is due at once.
+        let t = now + Duration::from_millis(300);
+        let ack = ack_frame(&mut a, &re[0], t);
+        c.handle_frame(ack, t).unwrap();
+        assert_eq!(c.poll_timeout(), Some(t));
+        c.handle_timeout(t);
         assert_eq!(frames(&mut c), vec![first[1].clone()]);
         assert_eq!(c.stats().retransmissions, 2);
+    }
+
+    #[test]
+    fn a_stalled_peer_gets_only_the_oldest_message_resent() {
+        let (mut c, _, t0) = pair();
+        for i in 0..100u8 {
+            c.send(PayloadType::Output, Bytes::from(vec![i]), t0)
+                .unwrap();
+        }
+        let first = frames(&mut c);
+        assert_eq!(first.len(), 100);
+        let end = t0 + Duration::from_secs(10);
+        let mut resent_at = Vec::new();
+        while let Some(t) = c.poll_timeout().filter(|&t| t <= end) {
+            c.handle_timeout(t);
+            let out = frames(&mut c);
+            assert!(out.len() <= 1, "{} frames at one expiry", out.len());
+            for f in out {
+                assert_eq!(f, first[0], "only the oldest, byte for byte");
+                resent_at.push(t.duration_since(t0).as_millis());
+            }
+        }
+        // Its own backoff (RTO 200 ms, doubling, capped at 8 RTO); the other 99 are
+        // deferred, never resent.
+        assert_eq!(
+            resent_at,
+            vec![200, 600, 1400, 3000, 4600, 6200, 7800, 9400]
+        );
+        assert_eq!(c.stats().retransmissions, 8);
+        assert!(c.stats().deferred_retransmissions >= 99);
+        assert_eq!(c.in_flight_messages(), 100);
+        assert!(c.close_reason().is_none());
+    }
+
+    #[test]
+    fn a_stall_still_gives_up_with_resend_timeout() {
+        let (mut c, _, t0) = pair();
+        for i in 0..100u8 {
+            c.send(PayloadType::Output, Bytes::from(vec![i]), t0)
+                .unwrap();
+        }
+        let first = frames(&mut c);
+        let mut t = t0;
+        while c.close_reason().is_none() {
+            t = c.poll_timeout().expect("a timer while unacked");
+            c.handle_timeout(t);
+            for f in frames(&mut c) {
+                assert_eq!(f, first[0]);
+            }
+        }
+        assert!(t >= t0 + Duration::from_secs(300));
+        assert!(t <= t0 + Duration::from_millis(300_200));
+        assert_eq!(
+            c.close_reason(),
+            Some(&CloseReason::ResendTimeout { sequence_number: 0 })
+        );
+        assert_eq!(c.poll_timeout(), None);
+        c.handle_timeout(t + Duration::from_secs(10));
+        assert!(frames(&mut c).is_empty(), "nothing after Closed");
+    }
+
+    #[test]
+    fn messages_dropped_during_a_stall_are_recovered_one_per_round_trip() {
+        let (mut c, mut a, t0) = pair();
+        for i in 0..5u8 {
+            c.send(PayloadType::Output, Bytes::from(vec![i]), t0)
+                .unwrap();
+        }
+        // The agent's handler is not ready: everything is dropped unacknowledged.
+        a.set_receive_ready(false);
+        for f in frames(&mut c) {
+            a.handle_frame(f, t0).unwrap();
+        }
+        assert!(frames(&mut a).is_empty());
+        a.set_receive_ready(true);
+        let rtt = Duration::from_millis(60);
+        let mut t = t0 + Duration::from_millis(200);
+        let mut resent = Vec::new();
+        fire(&mut c, t);
+        loop {
+            let out = frames(&mut c);
+            let [f] = &out[..] else {
+                panic!("expected one resend at {t:?}, got {}", out.len());
+            };
+            resent.push((decode(f).sequence_number, t.duration_since(t0).as_millis()));
+            let ack = ack_frame(&mut a, f, t);
+            t += rtt;
+            c.handle_frame(ack, t).unwrap();
+            fire(&mut c, t);
+            if c.in_flight_messages() == 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            resent,
+            vec![(0, 200), (1, 260), (2, 320), (3, 380), (4, 440)],
+            "one per round trip, oldest first"
+        );
+        let got: Vec<i64> = data(&mut a).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        assert_eq!(c.stats().retransmissions, 5);
+    }
+
+    #[test]
+    fn a_slow_peer_ends_the_recovery_after_one_spurious_resend() {
+        let (mut c, mut a, t0) = pair();
+        for i in 0..10u8 {
+            c.send(PayloadType::Output, Bytes::from(vec![i]), t0)
+                .unwrap();
+        }
+        let first = frames(&mut c);
+        // The peer is slow, not lossy: it acknowledges the originals after 1.5 s.
+        let end = t0 + Duration::from_millis(1500);
+        while let Some(t) = c.poll_timeout().filter(|&t| t <= end) {
+            c.handle_timeout(t);
+        }
+        let stall_resends = frames(&mut c);
+        assert_eq!(
+            stall_resends,
+            vec![first[0].clone(); 3],
+            "at 200, 600, 1400 ms"
+        );
+        let mut t = t0 + Duration::from_millis(1500);
+        let mut spurious = Vec::new();
+        for f in &first {
+            let ack = ack_frame(&mut a, f, t);
+            c.handle_frame(ack, t).unwrap();
+            fire(&mut c, t);
+            spurious.extend(frames(&mut c).iter().map(|f| decode(f).sequence_number));
+            t += Duration::from_millis(1);
+        }
+        // Message 1 is resent when 0's ack arrives (0 was resent 100 ms earlier, so
+        // that ack may answer the resend); 1's ack arrives 1 ms after its resend, so
+        // it answers the original: the recovery ends there.
+        assert_eq!(spurious, vec![1]);
+        assert_eq!(c.in_flight_messages(), 0);
+        assert_eq!(c.stats().retransmissions, 4);
+    }
+
+    #[test]
+    fn created_date_follows_the_wall_clock_across_a_jump() {
+        let (mut c, mut a, t0) = pair();
+        c.send(PayloadType::Output, Bytes::from_static(b"before"), t0)
+            .unwrap();
+        let before = frames(&mut c).remove(0);
+        assert_eq!(decode(&before).created_date, T0_MS);
+        // A suspend: the monotonic clock advances 1 s, the wall clock 10 minutes.
+        let t1 = t0 + Duration::from_secs(1);
+        c.set_wall_clock(t1, T0_MS + 600_000);
+        c.send(PayloadType::Output, Bytes::from_static(b"after"), t1)
+            .unwrap();
+        let after = frames(&mut c).remove(0);
+        assert_eq!(decode(&after).created_date, T0_MS + 600_000);
+        // Later messages and acks advance from the new base.
+        let t2 = t1 + Duration::from_millis(250);
+        a.send(PayloadType::Output, Bytes::from_static(b"x"), t0)
+            .unwrap();
+        c.handle_frame(frames(&mut a).remove(0), t2).unwrap();
+        let ack = frames(&mut c).remove(0);
+        assert_eq!(decode(&ack).created_date, T0_MS + 600_250);
+        c.send(PayloadType::Output, Bytes::from_static(b"later"), t2)
+            .unwrap();
+        assert_eq!(decode(&frames(&mut c)[0]).created_date, T0_MS + 600_250);
+        // A retransmission resends the stored bytes: the original CreatedDate.
+        c.handle_timeout(t2);
+        assert_eq!(frames(&mut c), vec![before]);
     }
 
     #[test]

@@ -467,6 +467,7 @@ mod proxy_tests {
         // NO_PROXY: direct (and .invalid does not resolve), the proxy sees nothing new.
         let err = dial_via(
             "wss://ssmmessages.bypass.invalid/v1/x",
+            &UpgradeHeaders::default(),
             Duration::from_secs(5),
             &matcher,
         )
