@@ -12,7 +12,8 @@
 //!
 //! A `SessionSnapshot` is `{session_id, target, document, status, client_version,
 //! client_id, owner, properties, start_unix_ms, end_unix_ms, attached, output,
-//! exit_reason, counters, violations}`.
+//! exit_reason, counters, violations, cell_number, upgrades}`; `upgrades` lists every
+//! websocket upgrade (cell-number, access key id, auth, accepted or why refused).
 
 use std::sync::Arc;
 
