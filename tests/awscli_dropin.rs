@@ -198,7 +198,18 @@ async fn aws_ssm_start_session_spawns_the_drop_in_and_keeps_every_byte() {
         )
     });
     assert_eq!(port, local_port, "the plugin listens on localPortNumber");
-    let stdout_task = collect_lines(lines.into_inner().into_inner(), stdout.clone());
+    // Go on with the same reader: what it has buffered past the Port line (the
+    // "Waiting for connections..." line) belongs to the output too.
+    let stdout_task = {
+        let stdout = stdout.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut s = stdout.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
 
     // The process the CLI spawned: our binary, through the symlink, with the CLI's argv.
     let plugins: Vec<u32> = children_of(aws_pid)
@@ -323,8 +334,19 @@ async fn aws_ssm_start_session_spawns_the_drop_in_and_keeps_every_byte() {
         out.contains(&format!("Starting session with SessionId: {session_id}")),
         "{out}"
     );
+    // The plugin's lines, byte for byte (line-collected: the CLI passes the plugin's
+    // stdout through unchanged).
     assert!(
-        out.contains(&format!("Exiting session with sessionId: {session_id}.")),
+        out.contains(&format!(
+            "Port {local_port} opened for sessionId {session_id}.\nWaiting for connections...\n\n\
+             Connection accepted for session [{session_id}]\n"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.ends_with(&format!(
+            "Terminate signal received, exiting.\n\n\nExiting session with sessionId: {session_id}.\n\n"
+        )),
         "{out}"
     );
     assert!(
