@@ -48,7 +48,8 @@ pub const PAYLOAD_DIGEST_OFFSET: usize = 80;
 pub const PAYLOAD_TYPE_OFFSET: usize = 112;
 /// Offset of PayloadLength; also the value both references write into HeaderLength.
 pub const PAYLOAD_LENGTH_OFFSET: usize = 116;
-/// Offset of the payload in a message written by the references.
+/// Offset of the payload in a message written by the references (readers take
+/// `HeaderLength + 4`).
 pub const PAYLOAD_OFFSET: usize = 120;
 /// The HeaderLength value both references write.
 pub const HEADER_LENGTH: u32 = PAYLOAD_LENGTH_OFFSET as u32;
@@ -58,7 +59,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// A decoded (or to-be-encoded) ClientMessage.
 ///
 /// HeaderLength, PayloadDigest and PayloadLength are not stored: the encoder computes
-/// them, and the decoder checks them.
+/// them, and the decoder uses them as the references do (see [`ClientMessage::decode`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientMessage {
     /// MessageType header field.
@@ -82,8 +83,9 @@ pub struct ClientMessage {
 /// Why a frame is not a valid ClientMessage.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum DecodeError {
-    /// The frame cannot hold the fixed 120-byte header.
-    #[error("frame of {len} bytes is shorter than the 120-byte ClientMessage header")]
+    /// The frame cannot hold the header fields up to PayloadType (116 bytes; 120 for
+    /// [`ClientMessage::decode_strict`]).
+    #[error("frame of {len} bytes is shorter than the ClientMessage header")]
     TooShort {
         /// Frame length.
         len: usize,
@@ -91,8 +93,8 @@ pub enum DecodeError {
     /// HeaderLength is zero ([P] `Validate`: "HeaderLength cannot be zero").
     #[error("HeaderLength is zero")]
     ZeroHeaderLength,
-    /// HeaderLength is below 116 (the payload would overlap the header) or points past
-    /// the end of the frame.
+    /// HeaderLength points past the end of the frame (the references would panic
+    /// slicing it), or, for [`ClientMessage::decode_strict`] only, is not 116.
     #[error("HeaderLength {header_length} is invalid for a frame of {frame_len} bytes")]
     BadHeaderLength {
         /// The HeaderLength field.
@@ -100,7 +102,8 @@ pub enum DecodeError {
         /// Frame length.
         frame_len: usize,
     },
-    /// MessageType is not UTF-8.
+    /// MessageType is not UTF-8. [P] would keep the bytes and ignore the message as an
+    /// unknown type; the outcome is the same (dropped, not acknowledged).
     #[error("MessageType is not valid UTF-8")]
     MessageTypeNotUtf8,
     /// MessageType contains a control character (NUL included) once trimmed. [P]
@@ -114,7 +117,8 @@ pub enum DecodeError {
     /// CreatedDate is zero ([P] `Validate`: "CreatedDate is missing").
     #[error("CreatedDate is missing")]
     ZeroCreatedDate,
-    /// PayloadLength disagrees with the bytes after the header.
+    /// PayloadLength disagrees with the bytes after the header (only
+    /// [`ClientMessage::decode_strict`]: no reference reader checks it).
     #[error("PayloadLength says {declared} bytes but the frame carries {actual}")]
     PayloadLengthMismatch {
         /// The PayloadLength field.
@@ -126,6 +130,15 @@ pub enum DecodeError {
     /// "payload Hash is not valid").
     #[error("payload digest does not match its SHA-256")]
     DigestMismatch,
+}
+
+/// How much [`ClientMessage::decode`] checks beyond what a message needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    /// Exactly what [P] or [A] checks before processing a message.
+    Reference,
+    /// Also that the frame is what both reference writers produce.
+    Canonical,
 }
 
 /// Why a ClientMessage cannot be encoded.
@@ -171,58 +184,94 @@ pub fn uuid_from_wire(wire: &[u8; 16]) -> Uuid {
     Uuid::from_bytes(b)
 }
 
+/// The MessageType field as [P] / [A] fn `getString` reads it: NUL bytes stripped from
+/// both ends (`bytes.Trim(…, "\x00")`), then white space (`strings.TrimSpace`; Go's
+/// `unicode.IsSpace` and Rust's `char::is_whitespace` are the same Unicode White_Space
+/// set). Go would keep invalid UTF-8 or inner control characters, which can then match
+/// no MessageType, and ignore the message; we refuse it (the same outcome).
+fn message_type_str(frame: &[u8]) -> Result<&str, DecodeError> {
+    let raw = &frame[MESSAGE_TYPE_OFFSET..MESSAGE_TYPE_OFFSET + MESSAGE_TYPE_LEN];
+    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+    let end = raw.iter().rposition(|&b| b != 0).map_or(start, |e| e + 1);
+    let s = std::str::from_utf8(&raw[start..end])
+        .map_err(|_| DecodeError::MessageTypeNotUtf8)?
+        .trim();
+    if s.chars().any(char::is_control) {
+        return Err(DecodeError::MessageTypeControlChars);
+    }
+    Ok(s)
+}
+
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
 impl ClientMessage {
-    /// Decodes and validates one websocket frame.
+    /// Decodes and validates one websocket frame, accepting every frame that [P] or [A]
+    /// would process (their readers are [P] `messageparser.go` fn
+    /// `DeserializeClientMessage` + `Validate`, [A] `agentmessage.go` fn `Deserialize` +
+    /// `Validate`; `proto-docs/wire-format.md` §3.9 has the table):
     ///
-    /// Zero-copy: the payload is a slice of `frame`. Validation follows [P]
-    /// `messageparser.go` fn `Validate`, in its order, with every read bounds-checked:
+    /// 1. the frame holds the fields up to PayloadType (116 bytes: [A] ignores a failed
+    ///    PayloadLength read and takes it as 0; [P] needs 120);
+    /// 2. the payload is `frame[HeaderLength + 4 ..]`, whatever HeaderLength and
+    ///    PayloadLength say (both references slice this way, in Go's wrapping `uint32`
+    ///    arithmetic), and must lie inside the frame (where Go would panic);
+    /// 3. MessageType: NULs stripped from both ends, then white space (`getString`);
+    ///    non-UTF-8 or control characters left inside are refused: Go would keep them,
+    ///    match no type and ignore the message;
+    /// 4. `start_publication` / `pause_publication` are accepted without further checks
+    ///    ([P] `Validate`);
+    /// 5. HeaderLength is not 0; 6. MessageType is not empty; 7. CreatedDate is not 0;
+    /// 8. if PayloadLength is not 0, the payload matches PayloadDigest ([P]
+    ///    `Validate`; [A] checks no digest).
     ///
-    /// 1. the frame must hold the 120-byte header and `HeaderLength + 4` bytes;
-    /// 2. `start_publication` / `pause_publication` are accepted without further checks;
-    /// 3. HeaderLength is not 0 (and, stricter than [P], not below 116);
-    /// 4. MessageType is not empty; 5. CreatedDate is not 0;
-    /// 6. PayloadLength equals the bytes after the header (stricter than [P], which only
-    ///    uses it to decide whether to check the digest);
-    /// 7. a non-empty payload matches PayloadDigest.
+    /// SchemaVersion, Flags and unknown MessageTypes are never refused (neither
+    /// reference checks them). Zero-copy: the payload is a slice of `frame`.
     pub fn decode(frame: Bytes) -> Result<ClientMessage, DecodeError> {
+        Self::decode_with(frame, Checks::Reference)
+    }
+
+    /// [`ClientMessage::decode`], and also requires what every reference writer (and
+    /// ours) produces: at least 120 bytes, HeaderLength 116, PayloadLength equal to the
+    /// payload bytes, and a valid PayloadDigest for every non-empty payload. For
+    /// checkers (the simulator flags a client frame that fails only these), not for
+    /// receiving: the references process such frames.
+    pub fn decode_strict(frame: Bytes) -> Result<ClientMessage, DecodeError> {
+        Self::decode_with(frame, Checks::Canonical)
+    }
+
+    fn decode_with(frame: Bytes, checks: Checks) -> Result<ClientMessage, DecodeError> {
         let len = frame.len();
-        if len < PAYLOAD_OFFSET {
+        let min_len = match checks {
+            Checks::Reference => PAYLOAD_LENGTH_OFFSET,
+            Checks::Canonical => PAYLOAD_OFFSET,
+        };
+        if len < min_len {
             return Err(DecodeError::TooShort { len });
         }
         let header_length = be_u32(&frame, HL_OFFSET);
-        let payload_start = header_length as usize + 4;
+        // Go adds the uint32 HeaderLength and the untyped constant 4 as uint32, so it
+        // wraps: HeaderLength 0xFFFF_FFFC puts the payload at 0.
+        let payload_start = header_length.wrapping_add(4) as usize;
         if payload_start > len {
             return Err(DecodeError::BadHeaderLength {
                 header_length,
                 frame_len: len,
             });
         }
-
-        let raw_type = &frame[MESSAGE_TYPE_OFFSET..MESSAGE_TYPE_OFFSET + MESSAGE_TYPE_LEN];
-        let start = raw_type
-            .iter()
-            .position(|&b| b != 0)
-            .unwrap_or(raw_type.len());
-        let end = raw_type
-            .iter()
-            .rposition(|&b| b != 0)
-            .map_or(start, |e| e + 1);
-        let type_str = std::str::from_utf8(&raw_type[start..end])
-            .map_err(|_| DecodeError::MessageTypeNotUtf8)?
-            .trim();
-        if type_str.chars().any(char::is_control) {
-            return Err(DecodeError::MessageTypeControlChars);
-        }
+        let type_str = message_type_str(&frame)?;
         let message_type = MessageType::parse(type_str);
 
         let mut wire_id = [0u8; 16];
         wire_id.copy_from_slice(&frame[MESSAGE_ID_OFFSET..MESSAGE_ID_OFFSET + 16]);
-        let declared_len = be_u32(&frame, PAYLOAD_LENGTH_OFFSET);
+        // [A] `Deserialize` ignores a failed PayloadLength read: Go's zero value.
+        let declared_len = if len >= PAYLOAD_OFFSET {
+            be_u32(&frame, PAYLOAD_LENGTH_OFFSET)
+        } else {
+            0
+        };
         let payload = frame.slice(payload_start..);
 
         let msg = ClientMessage {
@@ -235,17 +284,30 @@ impl ClientMessage {
             message_type,
             payload,
         };
+        let digest_ok =
+            || sha256(&msg.payload)[..] == frame[PAYLOAD_DIGEST_OFFSET..PAYLOAD_DIGEST_OFFSET + 32];
+        if checks == Checks::Canonical {
+            if header_length != HEADER_LENGTH {
+                return Err(DecodeError::BadHeaderLength {
+                    header_length,
+                    frame_len: len,
+                });
+            }
+            if declared_len as usize != msg.payload.len() {
+                return Err(DecodeError::PayloadLengthMismatch {
+                    declared: declared_len,
+                    actual: msg.payload.len(),
+                });
+            }
+            if !msg.payload.is_empty() && !digest_ok() {
+                return Err(DecodeError::DigestMismatch);
+            }
+        }
         if msg.message_type.is_publication() {
             return Ok(msg);
         }
         if header_length == 0 {
             return Err(DecodeError::ZeroHeaderLength);
-        }
-        if header_length < HEADER_LENGTH {
-            return Err(DecodeError::BadHeaderLength {
-                header_length,
-                frame_len: len,
-            });
         }
         if type_str.is_empty() {
             return Err(DecodeError::EmptyMessageType);
@@ -253,15 +315,7 @@ impl ClientMessage {
         if msg.created_date == 0 {
             return Err(DecodeError::ZeroCreatedDate);
         }
-        if declared_len as usize != msg.payload.len() {
-            return Err(DecodeError::PayloadLengthMismatch {
-                declared: declared_len,
-                actual: msg.payload.len(),
-            });
-        }
-        if !msg.payload.is_empty()
-            && sha256(&msg.payload)[..] != frame[PAYLOAD_DIGEST_OFFSET..PAYLOAD_DIGEST_OFFSET + 32]
-        {
+        if declared_len != 0 && !digest_ok() {
             return Err(DecodeError::DigestMismatch);
         }
         Ok(msg)
@@ -352,14 +406,47 @@ mod tests {
         assert_eq!(decode(bytes).unwrap(), sample());
     }
 
+    fn with_type_field(field: &[u8]) -> Vec<u8> {
+        let mut b = encoded();
+        b[4..36].fill(0);
+        b[4..4 + field.len()].copy_from_slice(field);
+        b
+    }
+
     #[test]
     fn short_frames_are_rejected() {
-        for n in [0, 1, 119] {
+        for n in [0, 1, 115] {
             assert_eq!(
                 decode(encoded()[..n].to_vec()),
                 Err(DecodeError::TooShort { len: n })
             );
         }
+        assert_eq!(
+            ClientMessage::decode_strict(Bytes::from(encoded()[..119].to_vec())),
+            Err(DecodeError::TooShort { len: 119 })
+        );
+    }
+
+    #[test]
+    fn a_frame_cut_inside_payload_length_decodes_as_the_agent_does() {
+        // [A] `Deserialize` ignores the failed PayloadLength read (0) and slices at
+        // HeaderLength + 4; [P] rejects the frame. Either reference processing it is
+        // enough for us to accept it.
+        let mut b = encoded();
+        b.truncate(118);
+        b[0..4].copy_from_slice(&112u32.to_be_bytes());
+        let m = decode(b.clone()).unwrap();
+        assert_eq!(&m.payload[..], &b[116..118]);
+        assert_eq!(m.sequence_number, 7);
+        // HeaderLength 116 would slice past the end: Go panics, we refuse.
+        b[0..4].copy_from_slice(&116u32.to_be_bytes());
+        assert!(matches!(
+            decode(b),
+            Err(DecodeError::BadHeaderLength {
+                header_length: 116,
+                frame_len: 118
+            })
+        ));
     }
 
     #[test]
@@ -373,18 +460,8 @@ mod tests {
                 ..
             })
         ));
-        b[0..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            decode(b.clone()),
-            Err(DecodeError::BadHeaderLength { .. })
-        ));
         b[0..4].copy_from_slice(&0u32.to_be_bytes());
-        assert_eq!(decode(b.clone()), Err(DecodeError::ZeroHeaderLength));
-        b[0..4].copy_from_slice(&100u32.to_be_bytes());
-        assert!(matches!(
-            decode(b),
-            Err(DecodeError::BadHeaderLength { .. })
-        ));
+        assert_eq!(decode(b), Err(DecodeError::ZeroHeaderLength));
     }
 
     #[test]
@@ -395,26 +472,88 @@ mod tests {
         b[116..120].copy_from_slice(&4u32.to_be_bytes());
         let digest = sha256(b"ello");
         b[80..112].copy_from_slice(&digest);
-        let m = decode(b).unwrap();
+        let m = decode(b.clone()).unwrap();
         assert_eq!(&m.payload[..], b"ello");
+        assert!(matches!(
+            ClientMessage::decode_strict(Bytes::from(b)),
+            Err(DecodeError::BadHeaderLength {
+                header_length: 117,
+                ..
+            })
+        ));
     }
 
     #[test]
-    fn digest_length_type_and_date_are_checked() {
+    fn a_shorter_header_overlaps_the_payload_as_in_the_reference() {
+        // HeaderLength 100: both references take the payload from byte 104, inside the
+        // header. PayloadLength (bytes 116..120) is then part of that payload; with it
+        // 0, [P] checks no digest and processes the message.
+        let mut b = encoded();
+        b[0..4].copy_from_slice(&100u32.to_be_bytes());
+        b[116..120].fill(0);
+        let m = decode(b.clone()).unwrap();
+        assert_eq!(&m.payload[..], &b[104..]);
+        assert_eq!(m.message_type, MessageType::InputStreamData);
+        // With PayloadLength not 0 the digest is checked over that payload.
+        b[116..120].copy_from_slice(&5u32.to_be_bytes());
+        assert_eq!(decode(b), Err(DecodeError::DigestMismatch));
+    }
+
+    #[test]
+    fn header_length_wraps_as_go_uint32_arithmetic() {
+        // Go: `input[headerLength+4:]` in uint32, so 0xFFFF_FFFD + 4 = 1.
+        let mut b = encoded();
+        b[0..4].copy_from_slice(&0xFFFF_FFFDu32.to_be_bytes());
+        b[116..120].fill(0);
+        let m = decode(b.clone()).unwrap();
+        assert_eq!(&m.payload[..], &b[1..]);
+    }
+
+    #[test]
+    fn payload_length_is_not_used_to_slice() {
+        // [P] and [A] take the rest of the frame; [P] uses PayloadLength only to decide
+        // whether to check the digest, which covers the bytes actually there.
+        for declared in [6u32, 4, 1, u32::MAX] {
+            let mut b = encoded();
+            b[116..120].copy_from_slice(&declared.to_be_bytes());
+            let m = decode(b.clone()).unwrap();
+            assert_eq!(&m.payload[..], b"hello", "PayloadLength {declared}");
+            assert_eq!(
+                ClientMessage::decode_strict(Bytes::from(b)),
+                Err(DecodeError::PayloadLengthMismatch {
+                    declared,
+                    actual: 5
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn the_digest_is_checked_iff_payload_length_is_not_zero() {
         let mut b = encoded();
         *b.last_mut().unwrap() ^= 1;
-        assert_eq!(decode(b), Err(DecodeError::DigestMismatch));
-
-        let mut b = encoded();
-        b[116..120].copy_from_slice(&6u32.to_be_bytes());
+        assert_eq!(decode(b.clone()), Err(DecodeError::DigestMismatch));
+        // [P] `Validate`: `if clientMessage.PayloadLength != 0 { … sha256 … }`.
+        b[116..120].fill(0);
+        assert_eq!(&decode(b.clone()).unwrap().payload[..], b"helln");
         assert_eq!(
-            decode(b),
+            ClientMessage::decode_strict(Bytes::from(b)),
             Err(DecodeError::PayloadLengthMismatch {
-                declared: 6,
+                declared: 0,
                 actual: 5
             })
         );
+        // An empty payload with PayloadLength not 0 must carry SHA-256("").
+        let mut b = encoded();
+        b.truncate(120);
+        b[80..112].fill(0xaa);
+        assert_eq!(decode(b.clone()), Err(DecodeError::DigestMismatch));
+        b[80..112].copy_from_slice(&sha256(b""));
+        assert!(decode(b).unwrap().payload.is_empty());
+    }
 
+    #[test]
+    fn type_and_date_are_checked() {
         let mut b = encoded();
         b[4..36].fill(b' ');
         assert_eq!(decode(b), Err(DecodeError::EmptyMessageType));
@@ -433,11 +572,58 @@ mod tests {
     }
 
     #[test]
+    fn schema_version_and_flags_are_never_checked() {
+        for (version, flags) in [(0u32, 0u64), (2, 3), (u32::MAX, u64::MAX)] {
+            let mut b = encoded();
+            b[36..40].copy_from_slice(&version.to_be_bytes());
+            b[56..64].copy_from_slice(&flags.to_be_bytes());
+            let m = decode(b).unwrap();
+            assert_eq!((m.schema_version, m.flags), (version, flags));
+        }
+    }
+
+    #[test]
+    fn unknown_message_types_decode_verbatim() {
+        let m = decode(with_type_field(b"agent_job_reply")).unwrap();
+        assert_eq!(m.message_type, MessageType::Other("agent_job_reply".into()));
+        let m = decode(with_type_field(b"Acknowledge")).unwrap();
+        assert_eq!(m.message_type, MessageType::Other("Acknowledge".into()));
+    }
+
+    #[test]
+    fn message_type_is_trimmed_as_go_get_string() {
+        // NULs stripped from both ends first, then any Unicode white space.
+        for field in [
+            &b"acknowledge"[..],
+            b"\0\0acknowledge\0",
+            b" acknowledge \0\0",
+            b"\0 \tacknowledge\r\n \0",
+            b"\x0b\x0cacknowledge",
+            "\u{a0}acknowledge\u{85}\u{3000}".as_bytes(),
+        ] {
+            assert_eq!(
+                decode(with_type_field(field)).unwrap().message_type,
+                MessageType::Acknowledge,
+                "{field:?}"
+            );
+        }
+    }
+
+    #[test]
     fn control_characters_inside_the_message_type_are_refused() {
-        let mut b = encoded();
-        b[4..36].fill(0);
-        b[4..17].copy_from_slice(b" \0acknowledge");
-        assert_eq!(decode(b), Err(DecodeError::MessageTypeControlChars));
+        // Go trims these to "\0acknowledge" / "acknowledge\0" / "ack\x01nowledge",
+        // which match no type: [P] ignores the message, we refuse it.
+        for field in [
+            &b" \0acknowledge"[..],
+            b"acknowledge\0 ",
+            b"ack\x01nowledge",
+        ] {
+            assert_eq!(
+                decode(with_type_field(field)),
+                Err(DecodeError::MessageTypeControlChars),
+                "{field:?}"
+            );
+        }
     }
 
     #[test]
@@ -470,7 +656,8 @@ mod tests {
         b.truncate(120);
         b[116..120].fill(0);
         b[80..112].fill(0xaa);
-        let m = decode(b).unwrap();
+        let m = decode(b.clone()).unwrap();
+        assert_eq!(ClientMessage::decode_strict(Bytes::from(b)).unwrap(), m);
         assert!(m.payload.is_empty());
         assert_eq!(m.encode(), Err(EncodeError::EmptyPayload));
     }
@@ -538,7 +725,39 @@ mod tests {
 
             #[test]
             fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
-                let _ = ClientMessage::decode(Bytes::from(bytes));
+                let _ = ClientMessage::decode(Bytes::from(bytes.clone()));
+                let _ = ClientMessage::decode_strict(Bytes::from(bytes));
+            }
+
+            #[test]
+            fn decode_never_panics_on_any_header_length(
+                hl in any::<u32>(),
+                declared in prop_oneof![Just(0u32), any::<u32>()],
+                len in 116usize..300,
+                fill in any::<u8>(),
+            ) {
+                let mut frame = vec![fill; len];
+                frame[0..4].copy_from_slice(&hl.to_be_bytes());
+                frame[4..21].copy_from_slice(b"input_stream_data");
+                frame[21..36].fill(b' ');
+                if len >= PAYLOAD_OFFSET {
+                    frame[116..120].copy_from_slice(&declared.to_be_bytes());
+                }
+                let res = ClientMessage::decode(Bytes::from(frame.clone()));
+                let start = hl.wrapping_add(4) as usize;
+                if start > len {
+                    let is_bad_header_length =
+                        matches!(res, Err(DecodeError::BadHeaderLength { .. }));
+                    prop_assert!(is_bad_header_length);
+                } else if let Ok(m) = res {
+                    prop_assert_eq!(&m.payload[..], &frame[start..]);
+                }
+            }
+
+            #[test]
+            fn strict_decode_accepts_exactly_our_encodings(m in message()) {
+                let frame = m.encode().unwrap();
+                prop_assert_eq!(ClientMessage::decode_strict(frame).unwrap(), m);
             }
 
             #[test]
