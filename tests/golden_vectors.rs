@@ -617,3 +617,79 @@ fn eice_presign() {
     };
     assert_eq!(presign_open_tunnel(&req).expect("presign"), url);
 }
+
+/// Decoder leniency ([P] `messageparser.go` fn `DeserializeClientMessage` / `Validate`, [A]
+/// `agentmessage.go` fn `Deserialize` / `Validate`; `proto-docs/wire-format.md` §3): every
+/// golden frame still decodes to the same message when it is changed in ways both
+/// references accept: NUL instead of space padding of MessageType, PayloadLength 0 or
+/// wrong (never used to slice; 0 skips the digest), a zeroed digest with PayloadLength 0,
+/// another SchemaVersion, a longer header (payload at HeaderLength + 4). `decode_strict`
+/// accepts the unchanged frames only.
+#[test]
+fn golden_frames_decode_under_reference_leniency() {
+    use bastion::proto::message::{
+        MESSAGE_TYPE_LEN, MESSAGE_TYPE_OFFSET, PAYLOAD_DIGEST_OFFSET, PAYLOAD_LENGTH_OFFSET,
+        PAYLOAD_OFFSET, SCHEMA_VERSION_OFFSET,
+    };
+    let list = section("client_messages");
+    let list = list.as_array().expect("`client_messages` is an array");
+    assert_eq!(list.len(), CLIENT_MESSAGES.len());
+    for v in list {
+        let v = as_obj(v, "client_messages[]");
+        let ctx = format!(
+            "client_messages[{}]",
+            get_str(v, "name", "client_messages[]")
+        );
+        let frame = get_hex(v, "hex", &ctx);
+        let want = ClientMessage::decode(Bytes::from(frame.clone()))
+            .unwrap_or_else(|e| panic!("{ctx}: decode failed: {e}"));
+        let strict = ClientMessage::decode_strict(Bytes::from(frame.clone()))
+            .unwrap_or_else(|e| panic!("{ctx}: decode_strict failed: {e}"));
+        assert_eq!(strict, want, "{ctx}: strict");
+
+        let field = MESSAGE_TYPE_OFFSET..MESSAGE_TYPE_OFFSET + MESSAGE_TYPE_LEN;
+        let plen = PAYLOAD_LENGTH_OFFSET..PAYLOAD_OFFSET;
+        let mut variants: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut f = frame.clone();
+        f[field.clone()]
+            .iter_mut()
+            .filter(|b| **b == b' ')
+            .for_each(|b| *b = 0);
+        variants.push(("NUL padding", f));
+        let mut f = frame.clone();
+        f[plen.clone()].fill(0);
+        variants.push(("PayloadLength 0", f.clone()));
+        f[PAYLOAD_DIGEST_OFFSET..PAYLOAD_DIGEST_OFFSET + 32].fill(0);
+        variants.push(("PayloadLength 0, no digest", f));
+        let mut f = frame.clone();
+        let wrong = u32::from_be_bytes(f[plen.clone()].try_into().unwrap()) + 17;
+        f[plen.clone()].copy_from_slice(&wrong.to_be_bytes());
+        variants.push(("PayloadLength wrong", f));
+        let mut f = frame.clone();
+        f[0..4].copy_from_slice(&120u32.to_be_bytes());
+        f.splice(PAYLOAD_OFFSET..PAYLOAD_OFFSET, [0xee; 4]);
+        variants.push(("HeaderLength 120", f));
+
+        for (what, f) in variants {
+            let got = ClientMessage::decode(Bytes::from(f.clone()))
+                .unwrap_or_else(|e| panic!("{ctx}, {what}: decode failed: {e}"));
+            assert_eq!(got, want, "{ctx}, {what}");
+            assert!(
+                ClientMessage::decode_strict(Bytes::from(f)).is_err() || what == "NUL padding",
+                "{ctx}, {what}: strict accepts"
+            );
+        }
+        let mut f = frame.clone();
+        f[SCHEMA_VERSION_OFFSET..SCHEMA_VERSION_OFFSET + 4].copy_from_slice(&7u32.to_be_bytes());
+        let got = ClientMessage::decode(Bytes::from(f)).expect("odd SchemaVersion decodes");
+        assert_eq!(got.schema_version, 7, "{ctx}");
+        assert_eq!(
+            ClientMessage {
+                schema_version: want.schema_version,
+                ..got
+            },
+            want,
+            "{ctx}"
+        );
+    }
+}
