@@ -793,3 +793,37 @@ async fn plugin_logs_no_token_at_trace_level() {
         );
     }
 }
+
+/// An agent too old for smux (≤ 3.0.196.0): basic mode's lines, which differ from the
+/// multiplexed ones (no "Waiting for connections...", another accepted line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn basic_mode_prints_the_basic_lines() {
+    let mut config =
+        bastion::sim::SimConfig::default().with_credential("AKIDTEST", "dummy-secret", None);
+    config.agent_version = "3.0.161.0".into();
+    let sim = sim_util::start(config).await;
+    let request = port_request(sim_util::echo_server().await);
+    let (response, id) = start_session(sim.local_addr(), &request).await;
+    let plugin = Running::spawn(&mut session_command(
+        &response,
+        "",
+        &request,
+        &sim.endpoint_url(),
+    ));
+    let port = plugin.port(&id).await;
+    echo_once(port).await;
+    plugin.wait_stdout("Connection accepted").await;
+    plugin.signal(rustix::process::Signal::INT);
+    let end = plugin.wait().await;
+    assert_eq!(end.status.code(), Some(0), "{:?}", end.stderr);
+    assert_eq!(
+        end.stdout,
+        format!(
+            "\nStarting session with SessionId: {id}\n\
+             Port {port} opened for sessionId {id}.\n\
+             Connection accepted for session {id}.\n\
+             Terminate signal received, exiting.\n\
+             \n\nExiting session with sessionId: {id}.\n\n"
+        )
+    );
+}
