@@ -1,8 +1,8 @@
 //! A client `Channel` driven by a sequence of operations derived from the input:
 //! frames (raw garbage, valid ClientMessages of any type built from fuzzed fields and
 //! encoded with our encoder, optionally with one byte corrupted, acknowledgements of
-//! what we sent), sends, timeouts at increasing simulated times, disconnect/reconnect
-//! and receive backpressure. After every step `poll_transmit` and `poll_event` are
+//! what we sent), sends, timeouts at increasing simulated times with wall-clock jumps
+//! (`set_wall_clock`), disconnect/reconnect and receive backpressure. After every step `poll_transmit` and `poll_event` are
 //! drained and the invariants checked:
 //!
 //! * delivered sequence numbers are strictly consecutive from 0 (so each is delivered
@@ -193,6 +193,10 @@ impl Harness {
             },
         };
         self.now += d;
+        if u.ratio(1, 4)? {
+            // Any wall clock (a suspend, an NTP step, even 0): frames still decode.
+            self.ch.set_wall_clock(self.now, u.arbitrary()?);
+        }
         if let Some(t) = self.ch.poll_timeout() {
             assert!(!self.closed);
             let _ = t;

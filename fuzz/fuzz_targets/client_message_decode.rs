@@ -2,11 +2,16 @@
 //! accepts must survive `encode` → `decode` unchanged (when it is encodable at all:
 //! non-empty payload, MessageType of at most 32 bytes).
 //!
+//! `decode_strict` must never panic either, and accept only what `decode` accepts, with
+//! the same result.
+//!
 //! A random frame almost never carries the SHA-256 of its payload, so the fuzzer could
 //! not get past the digest check on its own. Each input is therefore decoded twice:
 //! as is, and with PayloadLength and PayloadDigest patched to match the payload found
-//! at `HeaderLength + 4` (when HeaderLength is in range). The second pass explores
-//! everything after the digest check.
+//! at `HeaderLength + 4` (in Go's wrapping u32 arithmetic, when in range; HeaderLength
+//! below 116 included, which then patches bytes of the payload itself). The second pass
+//! explores everything after the digest check; a third pass with PayloadLength 0 (no
+//! digest check, as in [P] `Validate`) reaches it for any HeaderLength.
 #![no_main]
 
 use bastion::proto::message::{
@@ -17,7 +22,15 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
 fn check(frame: &[u8]) {
-    let Ok(msg) = ClientMessage::decode(Bytes::copy_from_slice(frame)) else {
+    let lenient = ClientMessage::decode(Bytes::copy_from_slice(frame));
+    if let Ok(strict) = ClientMessage::decode_strict(Bytes::copy_from_slice(frame)) {
+        assert_eq!(
+            lenient.as_ref(),
+            Ok(&strict),
+            "strict accepts what decode refuses"
+        );
+    }
+    let Ok(msg) = lenient else {
         return;
     };
     if msg.payload.is_empty() || msg.message_type.as_str().len() > MESSAGE_TYPE_LEN {
@@ -40,9 +53,9 @@ fn fix_up(frame: &mut [u8]) -> bool {
     if frame.len() < PAYLOAD_OFFSET {
         return false;
     }
-    let hl = u32::from_be_bytes(frame[0..4].try_into().unwrap()) as usize;
-    let start = hl.saturating_add(4);
-    if hl < PAYLOAD_LENGTH_OFFSET || start > frame.len() {
+    let hl = u32::from_be_bytes(frame[0..4].try_into().unwrap());
+    let start = hl.wrapping_add(4) as usize;
+    if start > frame.len() {
         return false;
     }
     let n = (frame.len() - start) as u32;
@@ -57,5 +70,11 @@ fuzz_target!(|data: &[u8]| {
     let mut fixed = data.to_vec();
     if fix_up(&mut fixed) {
         check(&fixed);
+    }
+    // PayloadLength 0: no digest check at all ([P] `Validate`), whatever HeaderLength.
+    if data.len() >= PAYLOAD_OFFSET {
+        let mut zero = data.to_vec();
+        zero[PAYLOAD_LENGTH_OFFSET..PAYLOAD_OFFSET].fill(0);
+        check(&zero);
     }
 });
