@@ -191,6 +191,10 @@ pub struct Profile {
     pub imds: bool,
     /// The on-demand bastion, when the target is launched rather than fixed.
     pub bastion: Option<OnDemand>,
+    /// Host names, besides Session Manager's own endpoints, that a StreamUrl may name
+    /// (a private endpoint behind a proxy or custom DNS). Upgrades are signed with the
+    /// profile's credentials, so nothing else is ever dialled.
+    pub stream_url_hosts: Vec<String>,
 }
 
 /// Default of `max_sessions`: the agent sends at most about 1 MB/s per session, so a
@@ -234,6 +238,7 @@ struct RawSettings {
     reason: Option<Spanned<String>>,
     imds: Option<Spanned<bool>>,
     bastion: Option<Spanned<bastion::RawBastion>>,
+    stream_url_hosts: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// Keys a profile (or `[defaults]`) accepts, for environment overrides and docs.
@@ -255,6 +260,7 @@ pub const KEYS: &[&str] = &[
     "autostart",
     "reason",
     "imds",
+    "stream_url_hosts",
 ];
 
 /// Parses a duration: an integer number of seconds, or a string such as `90s`,
@@ -596,6 +602,31 @@ fn validate(
         })),
         (None, t) => t,
     };
+    let mut stream_url_hosts = Vec::new();
+    for h in merged(&p.stream_url_hosts, &d.stream_url_hosts)
+        .map(|l| l.into_inner())
+        .unwrap_or_default()
+    {
+        let v = h.get_ref().trim().to_ascii_lowercase();
+        let valid = !v.is_empty()
+            && v.len() <= 253
+            && v.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if valid {
+            stream_url_hosts.push(v);
+        } else {
+            ctx.err(
+                Some(h.span()),
+                format!(
+                    "stream_url_hosts entry {:?} is not a host name (no scheme, port or path)",
+                    h.get_ref()
+                ),
+            );
+        }
+    }
     let text = |v: Option<Spanned<String>>| v.map(|s| s.into_inner()).filter(|s| !s.is_empty());
     if ctx.errors.len() > before {
         return None;
@@ -617,6 +648,7 @@ fn validate(
         reason: text(merged(&p.reason, &d.reason)),
         imds: merged(&p.imds, &d.imds).is_some_and(|v| *v.get_ref()),
         bastion,
+        stream_url_hosts,
     })
 }
 

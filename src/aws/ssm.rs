@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use aws_config::ecs::EcsCredentialsProvider;
 use aws_config::environment::{
@@ -437,6 +438,32 @@ impl SsmApi {
         Err(AwsError::Malformed(format!(
             "DescribeSessions did not end within {MAX_PAGES} pages"
         )))
+    }
+
+    /// TerminateSession until the service confirms the session is gone, with capped
+    /// exponential backoff (1 s doubling to 60 s) for at most `attempts` calls. A
+    /// session the service no longer knows counts as ended. Stops at the first error
+    /// that retrying cannot fix (access denied) and returns it; the caller keeps the
+    /// session in its ledger then, so a later run tries again.
+    pub async fn terminate_session_retrying(
+        &self,
+        session_id: &str,
+        attempts: u32,
+    ) -> Result<(), AwsError> {
+        let mut delay = Duration::from_secs(1);
+        let mut attempt = 1;
+        loop {
+            match self.terminate_session(session_id).await {
+                Ok(()) | Err(AwsError::DoesNotExist(_)) => return Ok(()),
+                Err(e) if e.is_retryable() && attempt < attempts => {
+                    tracing::warn!(session_id, attempt, error = %e, "TerminateSession failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// TerminateSession.

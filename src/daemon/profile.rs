@@ -133,6 +133,9 @@ fn describe_aws_error(profile: &Profile, e: &AwsError) -> String {
 /// At most this many tag-matched instances are tried when Session Manager reports the
 /// chosen one as not connected.
 const MAX_TAG_CANDIDATES: usize = 5;
+/// TerminateSession calls for a session that ended on its own: with the backoff of
+/// [`SsmApi::terminate_session_retrying`], about two minutes of trying.
+const SELF_ENDED_TERMINATE_ATTEMPTS: u32 = 8;
 
 fn describe_ec2_error(profile: &Profile, e: &crate::aws::ec2::Ec2Error) -> String {
     use crate::aws::ec2::Ec2Error;
@@ -166,6 +169,7 @@ impl ProfileRuntime {
         host: Option<Arc<Host>>,
     ) -> Arc<Self> {
         tunnel_config.connect_timeout = profile.connect_timeout;
+        tunnel_config.stream_url_hosts = profile.stream_url_hosts.clone();
         let bastion = match (&profile.bastion, host.clone()) {
             (Some(cfg), Some(host)) => Some(Bastions::new(
                 &profile.name,
@@ -857,6 +861,7 @@ impl ProfileRuntime {
         tunnel_config.signer = api.upgrade_signer();
         match Tunnel::connect(ticket, tunnel_config, Some(resumer)).await {
             Ok(t) => {
+                self.terminate_when_self_ended(&t, api.clone());
                 let agent = t.info().agent_version.clone();
                 if self.profile.document == DOC_REMOTE_HOST && !agent_supports_remote_host(&agent) {
                     // It would connect to the port on the instance itself, not remote_host.
@@ -921,12 +926,40 @@ impl ProfileRuntime {
         }
     }
 
+    /// A session that ends on its own (resend give-up, smux error, resume refused or
+    /// failed, liveness) may still be open at the service, where an on-demand bastion's
+    /// reaper would count it as someone's Active session. This calls the TerminateSession
+    /// API for it, retrying, and keeps it in the ledger until that succeeds, so a daemon
+    /// that dies first leaves it for the next run ([`Host::leftover_sessions`]).
+    fn terminate_when_self_ended(&self, tunnel: &Tunnel, api: SsmApi) {
+        let end = tunnel.end_watch();
+        let session_id = tunnel.session_id().to_owned();
+        let host = self.host.clone();
+        let profile = self.profile.name.clone();
+        tokio::spawn(async move {
+            let why = end.wait().await;
+            if !why.ended_on_its_own() {
+                return;
+            }
+            info!(%profile, %session_id, reason = %why, "session ended on its own; terminating it at the service");
+            match api
+                .terminate_session_retrying(&session_id, SELF_ENDED_TERMINATE_ATTEMPTS)
+                .await
+            {
+                Ok(()) => {
+                    if let Some(host) = &host {
+                        host.drop_session(&session_id);
+                    }
+                }
+                Err(e) => warn!(
+                    %profile, %session_id, error = %e,
+                    "cannot terminate a session that ended on its own; the next start of the daemon tries again"
+                ),
+            }
+        });
+    }
+
     fn forget_tunnel_locked(&self, inner: &mut Inner, tunnel: &Arc<Tunnel>) {
-        if tunnel.end_reason().is_some()
-            && let Some(host) = &self.host
-        {
-            host.drop_session(tunnel.session_id());
-        }
         if let Some(i) = inner
             .live
             .iter()

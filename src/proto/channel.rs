@@ -356,11 +356,27 @@ impl Channel {
         payload: Bytes,
         now: Instant,
     ) -> Result<i64, SendError> {
+        if !self.window_has_room(payload.len()) && self.closed.is_none() {
+            return Err(SendError::WindowFull);
+        }
+        self.send_past_window(payload_type, payload, now)
+    }
+
+    /// Like [`Channel::send`], but queued even when the in-flight window is full.
+    /// For the last message of a session (the TerminateSession flag): a peer that
+    /// stopped acknowledging is the usual reason to end one, and the goodbye must
+    /// not wait behind the window it filled. Our window is far below the references'
+    /// outgoing buffers ([P] 10 000 messages, evicting the oldest when full, fn
+    /// `AddDataToOutgoingMessageBuffer`; [A] 100 000), so one message past it is within
+    /// what either side accepts.
+    pub fn send_past_window(
+        &mut self,
+        payload_type: PayloadType,
+        payload: Bytes,
+        now: Instant,
+    ) -> Result<i64, SendError> {
         if self.closed.is_some() {
             return Err(SendError::Closed);
-        }
-        if !self.window_has_room(payload.len()) {
-            return Err(SendError::WindowFull);
         }
         let seq = self.next_seq;
         let flags = match (self.role, seq) {
@@ -1301,6 +1317,37 @@ mod tests {
         assert_eq!(
             c.send(PayloadType::Output, Bytes::from_static(b"c"), now),
             Ok(2)
+        );
+    }
+
+    #[test]
+    fn past_window_send_queues_the_goodbye_when_the_window_is_full() {
+        let now = Instant::now();
+        let cfg = ChannelConfig {
+            max_in_flight_messages: 1,
+            ..ChannelConfig::default()
+        };
+        let mut c = Channel::new(Role::Client, cfg, now, T0_MS);
+        let mut a = Channel::new(Role::Agent, ChannelConfig::default(), now, T0_MS);
+        c.send(PayloadType::Output, Bytes::from_static(b"a"), now)
+            .unwrap();
+        assert_eq!(
+            c.send(PayloadType::Flag, Bytes::from_static(&[0, 0, 0, 2]), now),
+            Err(SendError::WindowFull)
+        );
+        assert_eq!(
+            c.send_past_window(PayloadType::Flag, Bytes::from_static(&[0, 0, 0, 2]), now),
+            Ok(1)
+        );
+        let f = frames(&mut c);
+        assert_eq!(f.len(), 2, "both messages go out at once");
+        for frame in f {
+            a.handle_frame(frame, now).unwrap();
+        }
+        let got: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(
+            got.iter().any(|e| matches!(e, ChannelEvent::Data { payload_type: PayloadType::Flag, payload, .. } if payload[..] == [0, 0, 0, 2])),
+            "the agent side receives the flag: {got:?}"
         );
     }
 

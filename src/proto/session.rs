@@ -401,7 +401,16 @@ impl ClientSession {
             .info
             .as_ref()
             .is_some_and(|i| i.supports_terminate_flag);
-        supported && self.send_flag(Flag::TerminateSession, now).is_ok()
+        supported
+            && self.is_ready()
+            && self
+                .channel
+                .send_past_window(
+                    PayloadType::Flag,
+                    Bytes::copy_from_slice(&Flag::TerminateSession.to_payload()),
+                    now,
+                )
+                .is_ok()
     }
 
     /// Installs the 64-byte data key returned by KMS GenerateDataKey (called with the

@@ -96,6 +96,9 @@ pub struct Faults {
     pub fail_start_session: Option<String>,
     /// With `fail_start_session`: fail only this many more calls, then clear the knob.
     pub fail_start_session_times: Option<u64>,
+    /// TerminateSession fails with `InternalServerError` this many more calls (each
+    /// SDK attempt counts), then succeeds again.
+    pub fail_terminate_session_times: Option<u64>,
     /// Delay before the agent sends its HandshakeRequest (overrides the simulator's
     /// agent default for sessions whose agent starts while it is set).
     pub handshake_delay_ms: Option<u64>,

@@ -477,6 +477,17 @@ fn resume_session(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<V
 
 fn terminate_session(shared: &Shared, body: &[u8]) -> Result<Value, ApiError> {
     let id = required_session_id(parse(body)?)?;
+    {
+        let mut faults = shared.faults_mut();
+        if let Some(n) = faults.fail_terminate_session_times.filter(|n| *n > 0) {
+            faults.fail_terminate_session_times = (n > 1).then(|| n - 1);
+            tracing::info!(session_id = %id, "TerminateSession fails (fail_terminate_session_times)");
+            return Err(ApiError::new(
+                "InternalServerError",
+                "simulated InternalServerError (fail_terminate_session_times knob)".to_owned(),
+            ));
+        }
+    }
     match shared.session(&id) {
         Some(s) => {
             tracing::info!(session_id = %id, "TerminateSession");

@@ -167,14 +167,19 @@ pub struct TunnelConfig {
     pub max_payload: usize,
     /// Bound for connecting the websocket and for the handshake.
     pub connect_timeout: Duration,
-    /// Websocket ping interval. The service answers pings, so a websocket that shows
-    /// no traffic at all for `dead_after` is half-open (laptop sleep, network change)
-    /// and is resumed.
+    /// Keepalive ping interval of an idle websocket. It keeps NAT and VPN mappings
+    /// alive (VPNs drop flows idle for 60 s; the agent pings every 54 s, \[A\]
+    /// `WebSocketPingInterval`) and costs one small frame each way per interval. The
+    /// service answers pings, so a websocket silent for `dead_after` is half-open and
+    /// is resumed. `proto-docs/tunnel.md` (liveness) gives the reasoning.
     pub ping_interval: Duration,
-    /// Silence after which the websocket counts as dead.
+    /// Silence (no frame read, while we could read and write) after which an idle
+    /// websocket counts as dead: two keepalives unanswered, plus slack.
     pub dead_after: Duration,
-    /// A new connection on a websocket quiet for longer than this first checks it with
-    /// a ping, and resumes if nothing answers within `probe_timeout`.
+    /// A websocket quiet for longer than this is checked with a ping (a probe) when a
+    /// new connection arrives or while our messages wait for acknowledgement, and
+    /// resumed if nothing answers within `probe_timeout`: a user who is waiting learns
+    /// of a dead path in seconds, not at the next keepalive.
     pub probe_idle: Duration,
     /// See `probe_idle`.
     pub probe_timeout: Duration,
@@ -195,10 +200,10 @@ impl Default for TunnelConfig {
             stream_url_hosts: Vec::new(),
             max_payload: 1024,
             connect_timeout: Duration::from_secs(30),
-            ping_interval: Duration::from_secs(5),
-            dead_after: Duration::from_secs(15),
+            ping_interval: Duration::from_secs(20),
+            dead_after: Duration::from_secs(45),
             probe_idle: Duration::from_secs(5),
-            probe_timeout: Duration::from_secs(3),
+            probe_timeout: Duration::from_secs(5),
             smux_receive_buffer: 16 * 1024 * 1024,
         }
     }
@@ -425,19 +430,40 @@ impl Tunnel {
 
     /// Waits until the session ends and returns how.
     pub async fn wait_end(&self) -> TunnelEnd {
-        let mut ended = self.ended.clone();
-        loop {
-            if let Some(end) = ended.borrow().clone() {
-                return end;
-            }
-            if ended.changed().await.is_err() {
-                return TunnelEnd::Dropped;
-            }
+        self.end_watch().wait().await
+    }
+
+    /// A handle that waits for the end without keeping the tunnel alive (the tunnel
+    /// ends when its last owner drops it, so a watcher must not own it).
+    pub fn end_watch(&self) -> EndWatch {
+        EndWatch {
+            ended: self.ended.clone(),
         }
     }
 
     fn ended_error(&self) -> TunnelError {
         TunnelError::Ended(self.end_reason().unwrap_or_else(|| "driver stopped".into()))
+    }
+}
+
+/// Waits for a [`Tunnel`]'s end ([`Tunnel::end_watch`]).
+#[derive(Clone, Debug)]
+pub struct EndWatch {
+    ended: watch::Receiver<Option<TunnelEnd>>,
+}
+
+impl EndWatch {
+    /// How the session ended, once it has; [`TunnelEnd::Dropped`] if its driver
+    /// vanished without saying.
+    pub async fn wait(mut self) -> TunnelEnd {
+        loop {
+            if let Some(end) = self.ended.borrow().clone() {
+                return end;
+            }
+            if self.ended.changed().await.is_err() {
+                return TunnelEnd::Dropped;
+            }
+        }
     }
 }
 
@@ -469,6 +495,7 @@ async fn handshake(
     session: &mut ClientSession,
 ) -> Result<SessionInfo, TunnelError> {
     loop {
+        session.set_wall_clock(Instant::now(), unix_ms());
         flush(socket, session).await.map_err(TunnelError::Dial)?;
         while let Some(ev) = session.poll_event() {
             match ev {
@@ -505,7 +532,11 @@ async fn handshake(
 }
 
 /// Writes frames to the websocket, flushing when the queue runs dry. Ends when the
-/// driver drops its sender (then closes the socket) or on a write error.
+/// driver drops its sender or on a write error. It never sends a websocket Close
+/// frame: neither reference does (\[P\] `websocketutil.go` fn `CloseConnection` is
+/// gorilla's `Conn.Close`, a plain TCP close; the agent likewise on reconnect), and the
+/// session's end is said in-band (TerminateSession flag, `channel_closed`). Dropping
+/// the sink with the driver's read half closes the TCP connection.
 async fn write_pump(
     mut sink: SplitSink<DataChannelSocket, Message>,
     mut rx: mpsc::Receiver<Message>,
@@ -518,7 +549,7 @@ async fn write_pump(
             return;
         }
     }
-    let _ = sink.close().await;
+    let _ = sink.flush().await;
 }
 
 fn log_frame_error(r: Result<(), crate::proto::channel::FrameError>) {
@@ -706,6 +737,8 @@ impl Driver {
         let mut ping = tokio::time::interval(self.config.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Before this turn's inputs: messages made in it carry the wall clock of now.
+            self.session.set_wall_clock(Instant::now(), unix_ms());
             self.pump_session();
             self.pump_upload();
             self.deliver();
@@ -720,19 +753,6 @@ impl Driver {
                 }
                 continue;
             }
-            if self.probe_sent_at.is_some_and(|t| self.last_traffic >= t) {
-                self.probe_sent_at = None;
-            }
-            let probe_due = self.probe_sent_at.map(|t| t + self.config.probe_timeout);
-            let deadline = [
-                probe_due,
-                self.session.poll_timeout(),
-                self.smux.as_ref().and_then(smux::Session::poll_timeout),
-                self.streams.values().filter_map(Slot::fin_due).min(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
             let pending_upload = match &self.smux {
                 Some(s) => s.pending_transmit(),
                 None => self.queues.up_bytes,
@@ -743,14 +763,38 @@ impl Driver {
             // block their websocket reader). Refusing messages instead would leave the
             // agent to resend them one per 100 ms tick.
             let download_room = self.download_room();
-            if !download_room {
+            let blocked_write = self.outbox.is_some();
+            // Silence proves nothing while we do not read (the answer waits in the
+            // socket) or while our writer is stuck behind a full socket (our ping is
+            // queued behind the data): the clock restarts when both flow again. A
+            // socket dead while writes are blocked ends in a write error.
+            if !download_room || blocked_write {
                 self.last_traffic = Instant::now();
+                self.probe_sent_at = None;
             }
+            // Messages waiting for acknowledgement on a quiet socket: probe it.
+            let busy_probe_at = (self.probe_sent_at.is_none()
+                && self.session.channel().in_flight_messages() > 0
+                && self.writer.as_ref().is_some_and(|w| w.capacity() > 0))
+            .then(|| self.last_traffic + self.config.probe_idle);
+            if self.probe_sent_at.is_some_and(|t| self.last_traffic >= t) {
+                self.probe_sent_at = None;
+            }
+            let probe_due = self.probe_sent_at.map(|t| t + self.config.probe_timeout);
+            let deadline = [
+                probe_due,
+                busy_probe_at,
+                self.session.poll_timeout(),
+                self.smux.as_ref().and_then(smux::Session::poll_timeout),
+                self.streams.values().filter_map(Slot::fin_due).min(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let capacity = self.capacity.clone();
             let (Some(reader), Some(writer)) = (self.reader.as_mut(), self.writer.clone()) else {
                 return TunnelEnd::WebsocketLost("no websocket".into());
             };
-            let blocked_write = self.outbox.is_some();
             tokio::select! {
                 permit = writer.reserve(), if blocked_write => match (permit, self.outbox.take()) {
                     (Ok(permit), Some(m)) => permit.send(m),
@@ -799,6 +843,9 @@ impl Driver {
                 _ = capacity.notified() => {}
                 _ = sleep_until(deadline) => {
                     let now = Instant::now();
+                    if busy_probe_at.is_some_and(|d| d <= now) {
+                        self.send_probe();
+                    }
                     if probe_due.is_some_and(|d| d <= now) {
                         self.probe_sent_at = None;
                         // Unanswered only counts while we read: with reads paused for
@@ -892,6 +939,11 @@ impl Driver {
         warn!(reason = %why, "data channel websocket lost");
         self.counters.last_error = Some(why.clone());
         self.session.on_disconnect();
+        // Drop the TCP connection now, without a Close frame and without writing what
+        // is queued (the channel retransmits it on the next websocket).
+        if let Some(task) = self.writer_task.take() {
+            task.abort();
+        }
         self.reader = None;
         self.writer = None;
         self.outbox = None;
@@ -943,6 +995,7 @@ impl Driver {
                     }
                     self.attach_socket(socket);
                     self.last_traffic = Instant::now();
+                    self.session.set_wall_clock(Instant::now(), unix_ms());
                     self.session.on_reconnect(Instant::now());
                     self.counters.resumes += 1;
                     info!(attempt, "data channel resumed");
@@ -956,21 +1009,30 @@ impl Driver {
         }
     }
 
+    /// Pings the websocket and expects some frame back within `probe_timeout`; not
+    /// while reads are paused for backpressure or the writer is blocked (silence
+    /// proves nothing then), nor with a probe already out.
+    fn send_probe(&mut self) {
+        if self.probe_sent_at.is_none()
+            && self.outbox.is_none()
+            && self.download_room()
+            && let Some(w) = &self.writer
+            && w.try_send(Message::Ping(Bytes::from_static(b"probe")))
+                .is_ok()
+        {
+            debug!("probing a quiet websocket");
+            self.probe_sent_at = Some(Instant::now());
+        }
+    }
+
     fn open(&mut self, reply: oneshot::Sender<Result<TunnelStream, TunnelError>>) {
         if let Some(why) = self.session.channel().close_reason() {
             let _ = reply.send(Err(TunnelError::Ended(format!("{why:?}"))));
             return;
         }
-        // After a laptop sleep the websocket may be dead without knowing it: check
-        // (unless reads are paused for backpressure, when silence proves nothing).
-        if self.probe_sent_at.is_none()
-            && self.download_room()
-            && self.last_traffic.elapsed() > self.config.probe_idle
-            && let Some(w) = &self.writer
-            && w.try_send(Message::Ping(Bytes::from_static(b"probe")))
-                .is_ok()
-        {
-            self.probe_sent_at = Some(Instant::now());
+        // After a laptop sleep the websocket may be dead without knowing it: check.
+        if self.last_traffic.elapsed() > self.config.probe_idle {
+            self.send_probe();
         }
         match self.smux.as_mut() {
             Some(smux) => match smux.open_stream() {
