@@ -20,7 +20,14 @@ command -v mariadb >/dev/null 2>&1 || packages+=(mariadb-client)
 # the `aws ssm start-session` that spawns our plugin drop-in in tests/awscli_dropin.rs.
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 venv="${BASTION_TEST_VENV:-target/test-venv}"
-venv_ready() { [ -x "$venv/bin/moto_server" ] && [ -x "$venv/bin/aws" ]; }
+# Pinned: the simulator answers the AMI ids of moto's data set (src/sim/service.rs
+# PUBLIC_PARAMETERS), which moto changes between releases; the stamp file says which
+# pins an existing venv was made with.
+python_pins="moto[server]==5.2.6 awscli==1.46.3"
+venv_ready() {
+  [ -x "$venv/bin/moto_server" ] && [ -x "$venv/bin/aws" ] &&
+    [ "$(cat "$venv/.bastion-pins" 2>/dev/null)" = "$python_pins" ]
+}
 if ! venv_ready; then
   command -v python3 >/dev/null 2>&1 || packages+=(python3)
   python3 -m venv --help >/dev/null 2>&1 || packages+=(python3-venv)
@@ -46,7 +53,9 @@ if ! venv_ready; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install -q 'moto[server]' awscli
+  # shellcheck disable=SC2086 # the pins are words
+  "$venv/bin/pip" install -q $python_pins
+  echo "$python_pins" >"$venv/.bastion-pins"
 fi
 
 # --- checks ---------------------------------------------------------------------------

@@ -346,7 +346,7 @@ async fn ssm_ping_status_and_active_sessions_against_the_simulator() {
     let ssm = SsmApi::new(&sdk_config(&sim.endpoint_url()));
     let instance = ec2
         .run_instance(&LaunchSpec {
-            image_id: Some("ami-0d27e0fb3bac4d724".into()),
+            image_id: Some("ami-0c230065b91270bc6".into()),
             client_token: token(),
             ..LaunchSpec::default()
         })

@@ -865,11 +865,11 @@ fn get_connection_status(
 pub const PUBLIC_PARAMETERS: &[(&str, &str)] = &[
     (
         "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
-        "ami-0d27e0fb3bac4d724",
+        "ami-0c230065b91270bc6",
     ),
     (
         "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64",
-        "ami-065b1b834d2a83a7a",
+        "ami-0951c836c26e34fc8",
     ),
 ];
 
@@ -995,7 +995,7 @@ mod tests {
             br#"{"Name":"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64"}"#,
         )
         .unwrap();
-        assert_eq!(v["Parameter"]["Value"], "ami-065b1b834d2a83a7a");
+        assert_eq!(v["Parameter"]["Value"], "ami-0951c836c26e34fc8");
         assert_eq!(v["Parameter"]["Type"], "String");
         let e = get_parameter(br#"{"Name":"/aws/service/nope"}"#).unwrap_err();
         assert_eq!(e.code, "ParameterNotFound");
