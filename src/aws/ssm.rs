@@ -82,7 +82,8 @@ pub async fn load_config(target: &AwsTarget) -> SdkConfig {
 ///
 /// Credentials come from the standard chain in its standard order (environment,
 /// profile files with SSO, `credential_process` and role assumption, web identity,
-/// ECS container credentials), with IMDS last and only when [`AwsTarget::imds`] is set.
+/// ECS container credentials), with IMDS last and only when [`AwsTarget::imds`] is set;
+/// an explicit [`AwsTarget::profile`] skips the environment's keys, as the AWS CLI does.
 /// The region: [`AwsTarget::region`], else `AWS_REGION`, else the profile's, else IMDS
 /// (when enabled).
 pub async fn load_config_with_endpoint(
@@ -128,21 +129,31 @@ fn credentials_chain(target: &AwsTarget, conf: &ProviderConfig) -> CredentialsPr
     if let Some(p) = &target.profile {
         profile = profile.profile_name(p);
     }
-    let chain = CredentialsProviderChain::first_try(
-        "Environment",
-        EnvironmentVariableCredentialsProvider::new(),
-    )
-    .or_else("Profile", profile.build())
-    .or_else(
-        "WebIdentityToken",
-        WebIdentityTokenCredentialsProvider::builder()
-            .configure(conf)
-            .build(),
-    )
-    .or_else(
-        "EcsContainer",
-        EcsCredentialsProvider::builder().configure(conf).build(),
-    );
+    // An explicitly named profile negates the environment's keys, as in botocore
+    // (`credentials.py` fn `create_credential_resolver`) and aws-sdk-go-v2
+    // (`config/resolve_credentials.go` fn `resolveCredentialChain`: a profile set in code
+    // is checked before env credentials), which the plugin uses from 1.2.804.0 with
+    // its PROFILE argument: `aws_profile = "prod"` must not sign with a developer's
+    // leftover `AWS_ACCESS_KEY_ID`.
+    let chain = match &target.profile {
+        Some(_) => CredentialsProviderChain::first_try("Profile", profile.build()),
+        None => CredentialsProviderChain::first_try(
+            "Environment",
+            EnvironmentVariableCredentialsProvider::new(),
+        )
+        .or_else("Profile", profile.build()),
+    };
+    let chain = chain
+        .or_else(
+            "WebIdentityToken",
+            WebIdentityTokenCredentialsProvider::builder()
+                .configure(conf)
+                .build(),
+        )
+        .or_else(
+            "EcsContainer",
+            EcsCredentialsProvider::builder().configure(conf).build(),
+        );
     if target.imds {
         chain.or_else(
             "Ec2InstanceMetadata",
