@@ -55,7 +55,7 @@ mod sim_util;
 
 use std::time::Duration;
 
-use bastion::sim::{SimConfig, SimHandle, Simulator};
+use bastion_sim::{SimConfig, SimHandle, Simulator};
 use daemon::{Tunnel, start_to_first_byte, usage};
 use probes::{aggregate_download, connects, download, round_trips, upload};
 use report::{Metric, Samples};
@@ -243,7 +243,7 @@ async fn transfer_only(m: &Measured, data: &[u8], down: usize) {
     let after = usage(pid);
     eprintln!("download done");
     tokio::time::sleep(pause).await;
-    let mut c = bastion::sim::report::Counters::default();
+    let mut c = bastion_sim::report::Counters::default();
     for snap in m.sim.sessions() {
         c.data_messages_from_client += snap.counters.data_messages_from_client;
         c.duplicates_from_client += snap.counters.duplicates_from_client;

@@ -60,5 +60,10 @@ fi
 
 # --- checks ---------------------------------------------------------------------------
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace --all-targets
+# `--all-targets` leaves out doctests.
+cargo test --locked --workspace --doc
+# The fuzz targets build (with the stable toolchain: no sanitizer, no run) so that an
+# API change in bastion-proto cannot leave them broken; fuzz/README.md runs them.
+cargo check --locked --manifest-path fuzz/Cargo.toml --bins

@@ -20,6 +20,5 @@ pub mod daemon;
 pub mod logging;
 pub mod ondemand;
 pub mod plugin;
-pub mod proto;
-pub mod sim;
+pub use bastion_proto as proto;
 pub mod transport;

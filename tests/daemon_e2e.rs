@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bastion::sim::{SimConfig, SimHandle, Simulator};
+use bastion_sim::{SimConfig, SimHandle, Simulator};
 use e2e_util::{DaemonProcess, PgServer, assert_no_violations, free_port, profile, wait_listening};
 use sha2::{Digest, Sha256};
 use sim_util::TokenSnoop;
@@ -259,7 +259,7 @@ async fn refused_remote_port_closes_the_client_and_the_daemon_stays_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn target_not_connected_and_unknown_profile_reach_the_user() {
     let sim = sim(SimConfig {
-        targets: bastion::sim::TargetPolicy::Only(vec!["i-0aaaaaaaaaaaaaaaa".into()]),
+        targets: bastion_sim::TargetPolicy::Only(vec!["i-0aaaaaaaaaaaaaaaa".into()]),
         ..SimConfig::default()
     })
     .await;
@@ -594,9 +594,9 @@ async fn an_sso_profile_without_a_login_says_to_run_aws_sso_login() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn access_denied_and_a_handshake_timeout_reach_bastionctl() {
     let sim = sim(SimConfig {
-        faults: bastion::sim::Faults {
+        faults: bastion_sim::Faults {
             fail_start_session: Some("AccessDeniedException".into()),
-            ..bastion::sim::Faults::default()
+            ..bastion_sim::Faults::default()
         },
         ..SimConfig::default()
     })

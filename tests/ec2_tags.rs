@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bastion::aws::ec2::{Ec2Api, Ec2Error, Filter, XmlElement};
-use bastion::sim::{Ec2Targets, SimConfig, TargetPolicy};
+use bastion_sim::{Ec2Targets, SimConfig, TargetPolicy};
 use e2e_util::moto::Moto;
 use e2e_util::{DaemonProcess, free_port};
 use tokio::io::AsyncReadExt;

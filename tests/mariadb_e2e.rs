@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bastion::sim::{SimConfig, SimHandle, Simulator};
+use bastion_sim::{SimConfig, SimHandle, Simulator};
 use e2e_util::{
     DaemonProcess, MariaDbServer, PgServer, assert_no_violations, free_port, profile,
     wait_listening, wait_terminated,

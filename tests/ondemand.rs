@@ -16,7 +16,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
 };
 use bastion::aws::ec2::Instance;
-use bastion::sim::{Ec2Targets, SimConfig, SimHandle};
+use bastion_sim::{Ec2Targets, SimConfig, SimHandle};
 use e2e_util::moto::Moto;
 use e2e_util::{DaemonProcess, PgServer, free_port};
 use serde_json::Value;

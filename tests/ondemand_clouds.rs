@@ -21,7 +21,7 @@ use bastion::aws::sts::caller_identity;
 use bastion::ondemand::registry::{
     DynamoRegistry, Phase, ProviderKind, Record, Registry, RegistryError,
 };
-use bastion::sim::{Ec2Targets, SimConfig, TargetPolicy};
+use bastion_sim::{Ec2Targets, SimConfig, TargetPolicy};
 use e2e_util::moto::{Moto, sdk_config};
 
 const AL2023_X86: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";

@@ -24,9 +24,9 @@ const ENV_NAME: &str = "AWS_SSM_START_SESSION_RESPONSE";
 
 /// A simulator that knows the test's credentials (it refuses upgrades signed by
 /// unknown keys).
-async fn sim() -> bastion::sim::SimHandle {
+async fn sim() -> bastion_sim::SimHandle {
     sim_util::start(
-        bastion::sim::SimConfig::default()
+        bastion_sim::SimConfig::default()
             .with_credential("AKIDTEST", "dummy-secret", None)
             .with_credential(ProcessProfile::AKID, ProcessProfile::SECRET, None),
     )
@@ -799,7 +799,7 @@ async fn plugin_logs_no_token_at_trace_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn basic_mode_prints_the_basic_lines() {
     let mut config =
-        bastion::sim::SimConfig::default().with_credential("AKIDTEST", "dummy-secret", None);
+        bastion_sim::SimConfig::default().with_credential("AKIDTEST", "dummy-secret", None);
     config.agent_version = "3.0.161.0".into();
     let sim = sim_util::start(config).await;
     let request = port_request(sim_util::echo_server().await);

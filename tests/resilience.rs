@@ -6,7 +6,7 @@ mod e2e_util;
 
 use std::time::{Duration, Instant};
 
-use bastion::sim::{DirectionFaults, Faults, SimConfig, SimHandle, Simulator};
+use bastion_sim::{DirectionFaults, Faults, SimConfig, SimHandle, Simulator};
 use e2e_util::{DaemonProcess, free_port};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bastion::proto::kind::{MessageType, PayloadType};
 use bastion::proto::message::ClientMessage;
 use bastion::proto::payload::{HandshakeRequest, from_json};
-use bastion::sim::{
+use bastion_sim::{
     AuthKind, DirectionFaults, Faults, RefusalKind, SimConfig, ViolationKind, sigv4,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -240,7 +240,7 @@ async fn max_session_duration_terminates_with_output() {
             other => panic!("expected channel_closed, got {other:?}"),
         }
     };
-    assert_eq!(cc.output, bastion::sim::dataplane::MAX_DURATION_OUTPUT);
+    assert_eq!(cc.output, bastion_sim::dataplane::MAX_DURATION_OUTPUT);
     assert!(sim.wait_terminated(&id, Duration::from_secs(5)).await);
     let r = ssm(addr, "DescribeSessions", json!({"State": "History"})).await;
     assert_eq!(r.json()["Sessions"][0]["MaxSessionDuration"], "1");
@@ -327,7 +327,7 @@ async fn idle_timeout_terminates_with_output() {
             other => panic!("expected channel_closed, got {other:?}"),
         }
     };
-    assert_eq!(cc.output, bastion::sim::dataplane::IDLE_TIMEOUT_OUTPUT);
+    assert_eq!(cc.output, bastion_sim::dataplane::IDLE_TIMEOUT_OUTPUT);
     assert!(sim.wait_terminated(&never, Duration::from_secs(5)).await);
     assert!(sim.wait_terminated(&id, Duration::from_secs(5)).await);
     sim.shutdown().await;
@@ -719,7 +719,7 @@ async fn presigned_stream_url_verifies_and_refuses_an_extra_authorization() {
     assert_eq!(u.auth, AuthKind::Query);
     assert_eq!(
         u.access_key_id.as_deref(),
-        Some(bastion::sim::admission::PRESIGNER_ACCESS_KEY_ID)
+        Some(bastion_sim::admission::PRESIGNER_ACCESS_KEY_ID)
     );
     assert_eq!(s.counters.upgrades_refused, 2);
     sim.shutdown().await;

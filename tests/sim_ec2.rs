@@ -8,8 +8,8 @@ mod sim_util;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bastion::sim::clock::parse_iso8601;
-use bastion::sim::{Ec2Targets, SimConfig};
+use bastion_sim::clock::parse_iso8601;
+use bastion_sim::{Ec2Targets, SimConfig};
 use e2e_util::moto::Moto;
 use serde_json::json;
 use sim_util::*;

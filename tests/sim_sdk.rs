@@ -12,7 +12,7 @@ use aws_sdk_ssm::types::{
     InstanceInformationStringFilter, PingStatus, PlatformType, SessionState, SessionStatus,
 };
 use aws_smithy_http_client::tls;
-use bastion::sim::{Faults, SimHandle};
+use bastion_sim::{Faults, SimHandle};
 use sim_util::*;
 
 const TARGET: &str = "i-0123456789abcdef0";

@@ -3,7 +3,7 @@
 
 mod sim_util;
 
-use bastion::sim::{Faults, SimConfig, TargetPolicy};
+use bastion_sim::{Faults, SimConfig, TargetPolicy};
 use serde_json::json;
 use sim_util::*;
 

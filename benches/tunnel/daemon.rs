@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use bastion::sim::SimHandle;
+use bastion_sim::SimHandle;
 
 use super::e2e_util::{DaemonProcess, free_port};
 use super::probes::connect;

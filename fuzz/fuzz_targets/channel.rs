@@ -16,10 +16,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use bastion::proto::channel::{Channel, ChannelConfig, ChannelEvent, Role, SendError};
-use bastion::proto::kind::{MessageType, PayloadType};
-use bastion::proto::message::ClientMessage;
-use bastion::proto::payload::{AcknowledgeContent, ChannelClosed, from_json, to_json};
+use bastion_proto::channel::{Channel, ChannelConfig, ChannelEvent, Role, SendError};
+use bastion_proto::kind::{MessageType, PayloadType};
+use bastion_proto::message::ClientMessage;
+use bastion_proto::payload::{AcknowledgeContent, ChannelClosed, from_json, to_json};
 use bytes::Bytes;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;

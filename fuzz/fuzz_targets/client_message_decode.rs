@@ -14,7 +14,7 @@
 //! digest check, as in [P] `Validate`) reaches it for any HeaderLength.
 #![no_main]
 
-use bastion::proto::message::{
+use bastion_proto::message::{
     ClientMessage, MESSAGE_TYPE_LEN, PAYLOAD_DIGEST_OFFSET, PAYLOAD_LENGTH_OFFSET, PAYLOAD_OFFSET,
     sha256,
 };

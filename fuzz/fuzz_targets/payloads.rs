@@ -8,8 +8,8 @@
 use std::fmt::Debug;
 use std::sync::LazyLock;
 
-use bastion::proto::crypto::{NONCE_LEN, Role, SessionCipher};
-use bastion::proto::payload::{
+use bastion_proto::crypto::{NONCE_LEN, Role, SessionCipher};
+use bastion_proto::payload::{
     AcknowledgeContent, ChannelClosed, EncryptionChallenge, HandshakeComplete, HandshakeRequest,
     HandshakeResponse, KmsEncryptionRequest, KmsEncryptionResponse, OpenDataChannelInput,
     ProcessedClientAction, RequestedClientAction, SessionTypeRequest, SizeData, from_json,

@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use bastion::proto::smux::{
+use bastion_proto::smux::{
     Cmd, Config, Event, Frame, FrameDecoder, FrameError, HEADER_SIZE, Role, Session, SessionError,
     StreamId, StreamRead,
 };

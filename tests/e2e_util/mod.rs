@@ -359,7 +359,7 @@ pub const DAEMON_SECRET: &str = "secret-test-key";
 /// `config` with the daemon's credential registered, so that the simulator accepts the
 /// daemon's signed upgrades.
 #[allow(dead_code)]
-pub fn with_daemon_credential(config: bastion::sim::SimConfig) -> bastion::sim::SimConfig {
+pub fn with_daemon_credential(config: bastion_sim::SimConfig) -> bastion_sim::SimConfig {
     config.with_credential(DAEMON_ACCESS_KEY_ID, DAEMON_SECRET, None)
 }
 
@@ -409,7 +409,7 @@ pub fn wait_listening(port: u16, d: &DaemonProcess) {
 }
 
 /// Asserts that the simulator saw no protocol violation in any session.
-pub fn assert_no_violations(sim: &bastion::sim::SimHandle) {
+pub fn assert_no_violations(sim: &bastion_sim::SimHandle) {
     for s in sim.sessions() {
         assert!(
             s.violations.is_empty(),
@@ -421,7 +421,7 @@ pub fn assert_no_violations(sim: &bastion::sim::SimHandle) {
 }
 
 /// Waits until the simulator reports session `id` Terminated.
-pub async fn wait_terminated(sim: &bastion::sim::SimHandle, id: &str) {
+pub async fn wait_terminated(sim: &bastion_sim::SimHandle, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = sim.session(id).map(|s| s.status).unwrap_or_default();

@@ -7,15 +7,15 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bastion::proto::kind::{MessageType, PayloadType};
-use bastion::proto::message::ClientMessage;
-use bastion::proto::payload::{
+use bastion_proto::kind::{MessageType, PayloadType};
+use bastion_proto::message::ClientMessage;
+use bastion_proto::payload::{
     AcknowledgeContent, ActionStatus, ChannelClosed, HandshakeComplete, HandshakeRequest,
     HandshakeResponse, OpenDataChannelInput, ProcessedClientAction, from_json, to_json,
 };
-use bastion::proto::smux::{Config as SmuxConfig, Event, Role, Session as Smux, StreamRead};
-use bastion::sim::sigv4;
-use bastion::sim::{SimConfig, SimHandle, Simulator};
+use bastion_proto::smux::{Config as SmuxConfig, Event, Role, Session as Smux, StreamRead};
+use bastion_sim::sigv4;
+use bastion_sim::{SimConfig, SimHandle, Simulator};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};

@@ -7,6 +7,9 @@
 //! Nothing in this module performs IO or reads a clock: callers pass bytes and `now`
 //! in, and take frames, timers and events out.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod channel;
 pub mod crypto;
 pub mod kind;

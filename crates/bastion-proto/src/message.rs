@@ -365,7 +365,7 @@ impl ClientMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::kind::header_flags;
+    use crate::kind::header_flags;
 
     fn sample() -> ClientMessage {
         ClientMessage {

@@ -148,7 +148,7 @@ pub struct OpenDataChannelInput {
     /// A UUID v4 fixed for the lifetime of the client process.
     #[serde(rename = "ClientId", deserialize_with = "null_default")]
     pub client_id: String,
-    /// The client version string (see [`crate::proto::version`]).
+    /// The client version string (see [`crate::version`]).
     #[serde(rename = "ClientVersion", deserialize_with = "null_default")]
     pub client_version: String,
 }

@@ -13,7 +13,7 @@
 //!   (a shell without KMS) becomes ready on its first output ([P] fn
 //!   `ProcessFirstMessage`).
 //! * With encryption on, outgoing PT 1 and incoming PT 1/11/12 are AES-GCM sealed
-//!   ([`crate::proto::crypto::is_encrypted`]).
+//!   ([`crate::crypto::is_encrypted`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -737,9 +737,9 @@ impl ClientSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::kind::MessageType;
-    use crate::proto::message::ClientMessage;
-    use crate::proto::payload::{AcknowledgeContent, RequestedClientAction};
+    use crate::kind::MessageType;
+    use crate::message::ClientMessage;
+    use crate::payload::{AcknowledgeContent, RequestedClientAction};
     use serde_json::json;
 
     /// A minimal agent built from the channel, driving the handshake by hand.

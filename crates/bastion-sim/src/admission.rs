@@ -38,7 +38,7 @@ use super::report::ViolationKind;
 use super::session::SimSession;
 use super::sigv4::{self, AuthKind, Credential, Credentials, SigError};
 use super::{Shared, clock};
-use crate::proto::version::agent_version_compare;
+use bastion_proto::version::agent_version_compare;
 
 /// The query parameter that names the cell.
 pub const CELL_PARAM: &str = "cell-number";

@@ -50,9 +50,9 @@ use super::faults::{Direction, FaultPipe};
 use super::report::ViolationKind;
 use super::session::{Attachment, SimSession, Status, ToAgent, WsCommand};
 use super::sigv4;
-use crate::proto::kind::{MessageType, PayloadType};
-use crate::proto::message::ClientMessage;
-use crate::proto::payload::{ChannelClosed, OpenDataChannelInput, to_json};
+use bastion_proto::kind::{MessageType, PayloadType};
+use bastion_proto::message::ClientMessage;
+use bastion_proto::payload::{ChannelClosed, OpenDataChannelInput, to_json};
 
 /// Close code for a policy violation (bad OpenDataChannel or token).
 pub const CLOSE_POLICY: u16 = 1008;

@@ -13,15 +13,16 @@
 //! * [`introspect`]: `GET /sim/health`, `GET /sim/sessions[/{id}]`,
 //!   `GET|POST /sim/faults`, `GET|POST /sim/targets`.
 //! * [`report`]: per-session counters and protocol violations.
+//! * [`process`]: logging and signals of the `bastion-sim` and `bastion-demo` binaries.
 //!
 //! Tokens are never logged by this module (only session ids). Note that tungstenite logs
 //! whole websocket messages at TRACE, which would include the OpenDataChannel token: a
 //! subscriber should cap the `tungstenite` and `tokio_tungstenite` targets at INFO, as
-//! `bastiond sim` does.
+//! `bastion-sim` does.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use bastion::sim::{SimConfig, Simulator};
+//! use bastion_sim::{SimConfig, Simulator};
 //! let sim = Simulator::bind(SimConfig::default()).await?.spawn();
 //! println!("endpoint {}", sim.endpoint_url());
 //! // ... drive it with the SDK or a websocket client ...
@@ -29,6 +30,9 @@
 //! sim.shutdown().await;
 //! # Ok(()) }
 //! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod report;
@@ -39,6 +43,7 @@ pub mod dataplane;
 pub mod ec2;
 pub mod faults;
 pub mod introspect;
+pub mod process;
 pub mod service;
 pub mod session;
 pub mod sigv4;

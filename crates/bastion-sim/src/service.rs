@@ -28,7 +28,7 @@ use super::clock::{epoch_seconds, parse_iso8601, unix_ms};
 use super::ec2::Ec2Instance;
 use super::session::SimSession;
 use super::{Shared, TargetPolicy, admission, dataplane, is_instance_id};
-use crate::proto::version::agent_version_compare;
+use bastion_proto::version::agent_version_compare;
 
 /// Content type of AWS JSON 1.1 requests and responses.
 pub const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
@@ -720,7 +720,7 @@ fn known_instances(
 
 fn instance_json(shared: &Shared, id: &str, ping: &str, now_ms: u64) -> Value {
     let managed = id.starts_with("mi-");
-    let h = crate::proto::message::sha256(id.as_bytes());
+    let h = bastion_proto::message::sha256(id.as_bytes());
     let ip = format!("10.0.{}.{}", h[0], h[1].max(1));
     let version = &shared.config.agent_version;
     json!({

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::admission::{self, UpgradeRecord};
 use super::clock;
 use super::report::{Counters, SessionReport, Violation};
-use crate::proto::message::sha256;
+use bastion_proto::message::sha256;
 
 /// The `Status` of a session as DescribeSessions reports it (botocore `SessionStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

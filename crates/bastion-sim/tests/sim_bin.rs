@@ -1,6 +1,9 @@
-//! `bastiond sim`: prints exactly one `listening http://127.0.0.1:PORT` line, serves the
+//! `bastion-sim`: prints exactly one `listening http://127.0.0.1:PORT` line, serves the
 //! API and introspection, exits 0 on SIGTERM; refuses a non-loopback address.
 
+// The simulator tests' helpers live with the product's tests (they also serve the
+// end-to-end suites there); they use only bastion-proto and this crate.
+#[path = "../../../tests/sim_util/mod.rs"]
 mod sim_util;
 
 use std::io::{BufRead, BufReader, Read};
@@ -11,20 +14,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sim_util::*;
 
-fn bastiond() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bastiond"))
+fn bastion_sim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bastion-sim"))
 }
 
 #[tokio::test]
 async fn sim_prints_one_line_and_serves() {
-    let mut child = bastiond()
-        .args([
-            "sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--agent-version",
-            "3.2.2222.0",
-        ])
+    let mut child = bastion_sim()
+        .args(["--listen", "127.0.0.1:0", "--agent-version", "3.2.2222.0"])
         .args(["--agent-pacing-ms", "0"])
         .args([
             "--credential",
@@ -38,7 +35,7 @@ async fn sim_prints_one_line_and_serves() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn bastiond");
+        .expect("spawn bastion-sim");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -90,7 +87,7 @@ async fn sim_prints_one_line_and_serves() {
         }
         assert!(
             Instant::now() < deadline,
-            "bastiond sim did not exit on SIGTERM"
+            "bastion-sim did not exit on SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -120,8 +117,8 @@ async fn sim_prints_one_line_and_serves() {
 
 #[test]
 fn sim_refuses_non_loopback_without_flag() {
-    let out = bastiond()
-        .args(["sim", "--listen", "0.0.0.0:0"])
+    let out = bastion_sim()
+        .args(["--listen", "0.0.0.0:0"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -131,10 +128,10 @@ fn sim_refuses_non_loopback_without_flag() {
 
 #[test]
 fn version_flag() {
-    let out = bastiond().arg("--version").output().unwrap();
+    let out = bastion_sim().arg("--version").output().unwrap();
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("bastiond {}", env!("CARGO_PKG_VERSION"))
+        format!("bastion-sim {}", env!("CARGO_PKG_VERSION"))
     );
 }

@@ -333,7 +333,7 @@ mod tests {
 
     /// The `smux_v1_frames` vectors of `tests/golden/ssm-golden-vectors.json`.
     fn golden() -> serde_json::Value {
-        let text = include_str!("../../../tests/golden/ssm-golden-vectors.json");
+        let text = include_str!("../../tests/golden/ssm-golden-vectors.json");
         let all: serde_json::Value = serde_json::from_str(text).unwrap();
         all["smux_v1_frames"].clone()
     }

@@ -26,15 +26,15 @@ use super::pacer::sleep_precise;
 use super::port::{Basic, Mux, PortParams};
 use super::shell::Shell;
 use super::{AgentConfig, AgentExit, ExitReason, SessionKind};
-use crate::proto::kind::{MessageType, PayloadType};
-use crate::proto::message::{
+use crate::report::{SessionReport, ViolationKind};
+use bastion_proto::kind::{MessageType, PayloadType};
+use bastion_proto::message::{
     ClientMessage, DecodeError, PAYLOAD_DIGEST_OFFSET, PAYLOAD_LENGTH_OFFSET, sha256,
 };
-use crate::proto::payload::{
+use bastion_proto::payload::{
     ActionStatus, HandshakeComplete, HandshakeResponse, SessionTypeRequest, action_type, from_json,
     to_json,
 };
-use crate::sim::report::{SessionReport, ViolationKind};
 
 /// [A] `datachannel.go` const `handshakeTimeout`.
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -909,7 +909,7 @@ impl Agent {
             }
         }
         self.client_version = resp.client_version.clone();
-        crate::sim::admission::check_client_version(
+        crate::admission::check_client_version(
             &self.env.report,
             self.cfg.min_client_version.as_deref(),
             "HandshakeResponse",

@@ -14,10 +14,10 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::proto::kind::{MessageType, PayloadType, header_flags};
-use crate::proto::message::ClientMessage;
-use crate::proto::payload::{AcknowledgeContent, to_json};
-use crate::sim::report::SessionReport;
+use crate::report::SessionReport;
+use bastion_proto::kind::{MessageType, PayloadType, header_flags};
+use bastion_proto::message::ClientMessage;
+use bastion_proto::payload::{AcknowledgeContent, to_json};
 
 /// [A] `agent/session/config/config.go` const `OutgoingMessageBufferCapacity`.
 pub(super) const OUTGOING_CAPACITY: usize = 100_000;

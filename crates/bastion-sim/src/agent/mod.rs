@@ -35,7 +35,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::sim::report::SessionReport;
+use crate::report::SessionReport;
 
 /// How the simulated agent behaves.
 #[derive(Clone, Debug)]

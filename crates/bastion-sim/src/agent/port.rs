@@ -18,13 +18,13 @@ use tokio::time::Instant;
 use super::ExitReason;
 use super::core::{Agent, Env, Plugin, RemoteData, TaskEvent};
 use super::datachannel::{DataChannel, HandlerResult, STREAM_DATA_PAYLOAD_SIZE};
-use crate::proto::kind::{Flag, PayloadType};
-use crate::proto::message::ClientMessage;
-use crate::proto::smux::{self, CloseReason, Event, Role, StreamId, StreamRead};
-use crate::proto::version::{
+use crate::report::ViolationKind;
+use bastion_proto::kind::{Flag, PayloadType};
+use bastion_proto::message::ClientMessage;
+use bastion_proto::smux::{self, CloseReason, Event, Role, StreamId, StreamRead};
+use bastion_proto::version::{
     agent_disables_keepalive_for_client, agent_uses_mux_for_client, agent_version_compare,
 };
-use crate::sim::report::ViolationKind;
 
 /// [A] `agent/session/config/config.go` const `LocalPortForwarding`.
 const LOCAL_PORT_FORWARDING: &str = "LocalPortForwarding";
@@ -886,7 +886,7 @@ mod tests {
             (PayloadType::Flag, &Flag::TerminateSession.to_payload()[..]),
         ] {
             let m = ClientMessage {
-                message_type: crate::proto::kind::MessageType::InputStreamData,
+                message_type: bastion_proto::kind::MessageType::InputStreamData,
                 schema_version: 1,
                 created_date: 1,
                 sequence_number: 1,

@@ -24,9 +24,9 @@ use tokio::time::Instant;
 use super::ExitReason;
 use super::core::{Agent, Env, Plugin, RemoteData, TaskEvent};
 use super::datachannel::{HandlerResult, STREAM_DATA_PAYLOAD_SIZE};
-use crate::proto::kind::PayloadType;
-use crate::proto::message::ClientMessage;
-use crate::proto::payload::{SizeData, from_json};
+use bastion_proto::kind::PayloadType;
+use bastion_proto::message::ClientMessage;
+use bastion_proto::payload::{SizeData, from_json};
 
 /// [A] `shell.go` fn `executeCommandsWithPty` → `setupRoutineToWriteCommandOutput(…, 1)`:
 /// the write pump sleeps one second before its first read ("Wait for all input commands

@@ -15,14 +15,14 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{AgentConfig, AgentExit, ExitReason, SessionKind, run_agent};
-use crate::proto::kind::{Flag, MessageType, PayloadType};
-use crate::proto::message::{ClientMessage, PAYLOAD_DIGEST_OFFSET};
-use crate::proto::payload::{
+use crate::report::{SessionReport, ViolationKind};
+use bastion_proto::kind::{Flag, MessageType, PayloadType};
+use bastion_proto::message::{ClientMessage, PAYLOAD_DIGEST_OFFSET};
+use bastion_proto::payload::{
     AcknowledgeContent, ActionStatus, HandshakeComplete, HandshakeRequest, HandshakeResponse,
     ProcessedClientAction, from_json, to_json,
 };
-use crate::proto::smux::{Frame, FrameDecoder, StreamId};
-use crate::sim::report::{SessionReport, ViolationKind};
+use bastion_proto::smux::{Frame, FrameDecoder, StreamId};
 
 const WAIT: Duration = Duration::from_secs(20);
 const NEW_CLIENT: &str = "1.2.650.0";

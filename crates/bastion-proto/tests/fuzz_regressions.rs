@@ -5,12 +5,12 @@
 
 use std::time::Instant;
 
-use bastion::proto::channel::{Channel, ChannelConfig, ChannelEvent, Role};
-use bastion::proto::kind::{MessageType, PayloadType, header_flags};
-use bastion::proto::message::{
+use bastion_proto::channel::{Channel, ChannelConfig, ChannelEvent, Role};
+use bastion_proto::kind::{MessageType, PayloadType, header_flags};
+use bastion_proto::message::{
     ClientMessage, DecodeError, MESSAGE_TYPE_LEN, MESSAGE_TYPE_OFFSET, SCHEMA_VERSION,
 };
-use bastion::proto::payload::{ChannelClosed, to_json};
+use bastion_proto::payload::{ChannelClosed, to_json};
 use bytes::Bytes;
 use uuid::Uuid;
 
@@ -82,7 +82,7 @@ fn message_type_with_leading_nul_fuzzer_input() {
     let mut frame = frame;
     let n = (frame.len() - 120) as u32;
     frame[116..120].copy_from_slice(&n.to_be_bytes());
-    let digest = bastion::proto::message::sha256(&frame[120..]);
+    let digest = bastion_proto::message::sha256(&frame[120..]);
     frame[80..112].copy_from_slice(&digest);
     assert_round_trips_or_is_refused(Bytes::from(frame));
 }

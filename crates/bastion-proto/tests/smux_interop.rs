@@ -1,4 +1,4 @@
-//! Interop: our sans-IO smux client (`bastion::proto::smux`) against the real Go
+//! Interop: our sans-IO smux client (`bastion_proto::smux`) against the real Go
 //! `github.com/xtaci/smux` v1.5.16 (Debian `golang-github-xtaci-smux-dev`, the version
 //! the session-manager-plugin vendors), over a loopback TCP connection.
 //!
@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bastion::proto::smux::{CloseReason, Config, Event, Role, Session, StreamId, StreamRead};
+use bastion_proto::smux::{CloseReason, Config, Event, Role, Session, StreamId, StreamRead};
 use sha2::{Digest, Sha256};
 
 const APT_HINT: &str = "the smux interop tests need the Go toolchain and the xtaci/smux \

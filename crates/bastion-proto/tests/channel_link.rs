@@ -6,8 +6,8 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bastion::proto::channel::{Channel, ChannelConfig, ChannelEvent, Role};
-use bastion::proto::kind::PayloadType;
+use bastion_proto::channel::{Channel, ChannelConfig, ChannelEvent, Role};
+use bastion_proto::kind::PayloadType;
 use bytes::Bytes;
 use proptest::prelude::*;
 
