@@ -8,7 +8,7 @@
 //! the stage before it stops (the channel window for uploads, withheld acks for
 //! downloads, see [`crate::proto::channel::Channel::set_receive_ready`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -25,11 +25,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::upgrade_sign::{SignError, UpgradeHeaders, UpgradeSigner};
 use super::websocket::{self, DataChannelSocket, DialError};
-use crate::proto::kind::Flag;
+use crate::proto::liveness::PingKind;
+use crate::proto::port::{PortConfig, PortEnd, PortEvent, PortSession};
 use crate::proto::session::{
     ClientConfig, ClientSession, DataMode, SessionEnd, SessionEvent, SessionInfo,
 };
-use crate::proto::smux::{self, StreamId, StreamRead};
+use crate::proto::smux::StreamRead;
 
 /// What StartSession (or ECS ExecuteCommand) returned. `Debug` redacts the token.
 #[derive(Clone)]
@@ -127,6 +128,18 @@ impl TunnelEnd {
     }
 }
 
+impl From<PortEnd> for TunnelEnd {
+    fn from(end: PortEnd) -> Self {
+        match end {
+            PortEnd::ChannelClosed { output } => TunnelEnd::ChannelClosed { output },
+            PortEnd::ResendTimeout { sequence_number } => {
+                TunnelEnd::ResendTimeout { sequence_number }
+            }
+            PortEnd::Smux(reason) => TunnelEnd::Smux(reason.to_string()),
+        }
+    }
+}
+
 impl fmt::Display for TunnelEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -161,34 +174,11 @@ pub struct TunnelConfig {
     /// Host names besides Session Manager's own that a StreamUrl may point to (a
     /// private endpoint name); see [`websocket::check_stream_url`].
     pub stream_url_hosts: Vec<String>,
-    /// Largest payload per `input_stream_data` message. The plugin sends at most 1024
-    /// bytes ([P] `config.go` `StreamDataPayloadSize`); the service's limit is not
-    /// documented, so the default stays there.
-    pub max_payload: usize,
     /// Bound for connecting the websocket and for the handshake.
     pub connect_timeout: Duration,
-    /// Keepalive ping interval of an idle websocket. It keeps NAT and VPN mappings
-    /// alive (VPNs drop flows idle for 60 s; the agent pings every 54 s, \[A\]
-    /// `WebSocketPingInterval`) and costs one small frame each way per interval. The
-    /// service answers pings, so a websocket silent for `dead_after` is half-open and
-    /// is resumed. `proto-docs/tunnel.md` (liveness) gives the reasoning.
-    pub ping_interval: Duration,
-    /// Silence (no frame read, while we could read and write) after which an idle
-    /// websocket counts as dead: two keepalives unanswered, plus slack.
-    pub dead_after: Duration,
-    /// A websocket quiet for longer than this is checked with a ping (a probe) when a
-    /// new connection arrives or while our messages wait for acknowledgement, and
-    /// resumed if nothing answers within `probe_timeout`: a user who is waiting learns
-    /// of a dead path in seconds, not at the next keepalive.
-    pub probe_idle: Duration,
-    /// See `probe_idle`.
-    pub probe_timeout: Duration,
-    /// Received bytes the smux session may hold for connections that have not read them
-    /// yet, all streams together; past it the websocket is not read. smux v1 has no
-    /// per-stream flow control, so this is what one stalled reader may take before the
-    /// other connections of its session stall too. It is purely local (the plugin uses
-    /// xtaci's default of 4 MiB); memory per session stays bounded by it.
-    pub smux_receive_buffer: usize,
+    /// The session's protocol settings: payload size, buffers, half-close linger,
+    /// liveness (`proto-docs/tunnel.md` §2 gives the reasoning for the defaults).
+    pub port: PortConfig,
 }
 
 impl Default for TunnelConfig {
@@ -198,13 +188,8 @@ impl Default for TunnelConfig {
             client_id: uuid::Uuid::new_v4().hyphenated().to_string(),
             signer: None,
             stream_url_hosts: Vec::new(),
-            max_payload: 1024,
             connect_timeout: Duration::from_secs(30),
-            ping_interval: Duration::from_secs(20),
-            dead_after: Duration::from_secs(45),
-            probe_idle: Duration::from_secs(5),
-            probe_timeout: Duration::from_secs(5),
-            smux_receive_buffer: 16 * 1024 * 1024,
+            port: PortConfig::default(),
         }
     }
 }
@@ -320,19 +305,8 @@ impl Tunnel {
                 return Err(TunnelError::NotPortForwarding(info.session_type.clone()));
             }
             info!(agent_version = %info.agent_version, mode = ?info.mode, "session ready");
-            let smux = (info.mode == DataMode::Mux)
-                .then(|| {
-                    smux::Session::new(
-                        smux::Role::Client,
-                        smux::Config {
-                            max_receive_buffer: config.smux_receive_buffer,
-                            ..smux::Config::for_ssm(info.agent_disables_smux_keepalive)
-                        },
-                        Instant::now(),
-                    )
-                    .ok()
-                })
-                .flatten();
+            let port = PortSession::new(session, config.port.clone(), Instant::now())
+                .map_err(|e| TunnelError::Ended(e.to_string()))?;
             let (commands, command_rx) = mpsc::channel(16);
             let (stats_tx, stats) = watch::channel(TunnelStats::default());
             let (ended_tx, ended) = watch::channel(None);
@@ -345,21 +319,16 @@ impl Tunnel {
                 writer: None,
                 outbox: None,
                 writer_task: None,
-                session,
-                smux,
-                streams: HashMap::new(),
-                basic: None,
-                basic_waiters: Vec::new(),
-                next_basic_id: 0,
-                queues: BasicQueues::default(),
+                port,
+                slots: HashMap::new(),
+                readable: BTreeSet::new(),
+                waiters: VecDeque::new(),
                 input_tx,
                 input_rx,
                 commands: command_rx,
                 capacity: Arc::new(Notify::new()),
                 stats: stats_tx,
                 counters: TunnelStats::default(),
-                last_traffic: Instant::now(),
-                probe_sent_at: None,
             };
             let mut driver = driver;
             driver.attach_socket(socket);
@@ -651,40 +620,22 @@ impl Drop for Downstream {
     }
 }
 
+/// The driver's end of one connection: where its received bytes go.
 struct Slot {
     to_user: mpsc::Sender<Bytes>,
-    remote_fin: bool,
-    /// Mux mode: when the local client shut down its sending side. The FIN waits
-    /// (see [`HALF_CLOSE_LINGER`]).
-    local_eof_at: Option<Instant>,
-    /// When data from the remote host last reached this connection.
-    last_remote_data: Instant,
 }
 
-impl Slot {
-    /// When a lingering half-closed connection gets its FIN.
-    fn fin_due(&self) -> Option<Instant> {
-        self.local_eof_at
-            .map(|eof| eof.max(self.last_remote_data) + HALF_CLOSE_LINGER)
-    }
-}
+/// Frames queued for a websocket's writer task.
+const WRITER_QUEUE: usize = 256;
+/// Chunk size moved from the session to a connection's [`Downstream`].
+const DELIVERY_CHUNK: usize = 16 * 1024;
+/// Chunks a connection's [`Downstream`] may hold before delivery to it pauses.
+const DELIVERY_QUEUE: usize = 8;
 
-/// What waits to go up in basic mode, in order.
-enum Upload {
-    Data(Bytes),
-    /// The local connection ended: DisconnectToPort.
-    Disconnect,
-}
-
-/// Basic mode's buffers (mux mode keeps the same data inside the smux session).
-#[derive(Default)]
-struct BasicQueues {
-    up: std::collections::VecDeque<Upload>,
-    up_bytes: usize,
-    down: std::collections::VecDeque<Bytes>,
-    down_bytes: usize,
-}
-
+/// The IO around one [`PortSession`]: the websocket (a reader here, a writer task),
+/// the local connections' queues, commands, and resume. Every protocol decision is the
+/// session's; this loop reads, writes, sleeps until the session's next timer, and
+/// executes what its events say.
 struct Driver {
     ticket: SessionTicket,
     config: TunnelConfig,
@@ -697,187 +648,159 @@ struct Driver {
     outbox: Option<Message>,
     /// The current websocket's writer task.
     writer_task: Option<tokio::task::JoinHandle<()>>,
-    session: ClientSession,
-    smux: Option<smux::Session>,
-    streams: HashMap<Key, Slot>,
-    basic: Option<Key>,
-    basic_waiters: Vec<oneshot::Sender<Result<TunnelStream, TunnelError>>>,
-    next_basic_id: Key,
-    queues: BasicQueues,
+    port: PortSession,
+    slots: HashMap<Key, Slot>,
+    /// Connections the session said are readable and that have not been drained.
+    readable: BTreeSet<Key>,
+    /// Basic mode: connections waiting for the one before them to end.
+    waiters: VecDeque<oneshot::Sender<Result<TunnelStream, TunnelError>>>,
     input_tx: mpsc::Sender<(Key, Option<Bytes>)>,
     input_rx: mpsc::Receiver<(Key, Option<Bytes>)>,
     commands: mpsc::Receiver<Command>,
     capacity: Arc<Notify>,
     stats: watch::Sender<TunnelStats>,
     counters: TunnelStats,
-    last_traffic: Instant,
-    /// When a liveness ping went out for a new connection, until traffic answers it.
-    probe_sent_at: Option<Instant>,
 }
-
-/// Bytes of smux output allowed to wait for the channel window before user reads pause.
-const MAX_PENDING_UPLOAD: usize = 256 * 1024;
-/// Bytes received in basic mode allowed to wait for the connection before reads pause.
-const MAX_PENDING_DOWNLOAD: usize = 256 * 1024;
-/// Frames queued for a websocket's writer task.
-const WRITER_QUEUE: usize = 256;
-/// How long a connection whose client shut down its sending side stays open for the
-/// reply once the remote host goes quiet. The agent turns a smux FIN into a full close
-/// of its TCP connection ([A] `port_mux.go` fn `handleDataTransfer`: `io.Copy` then
-/// `Close`), which would discard a reply still on its way; so the FIN waits until the
-/// remote host closes or has sent nothing for this long.
-pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(3);
-/// Chunk size moved from smux to a connection's [`Downstream`].
-const DELIVERY_CHUNK: usize = 16 * 1024;
-/// Chunks a connection's [`Downstream`] may hold before delivery to it pauses.
-const DELIVERY_QUEUE: usize = 8;
 
 impl Driver {
     async fn run(mut self) -> TunnelEnd {
-        let mut ping = tokio::time::interval(self.config.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let now = Instant::now();
             // Before this turn's inputs: messages made in it carry the wall clock of now.
-            self.session.set_wall_clock(Instant::now(), unix_ms());
-            self.pump_session();
-            self.pump_upload();
-            self.deliver();
-            self.update_receive_ready();
-            self.publish_stats();
-            if let Some(why) = self.check_end() {
-                return why;
-            }
-            if let Err(e) = self.push_frames() {
-                if let Some(why) = self.reconnect(e).await {
-                    return why;
+            self.port.set_wall_clock(now, unix_ms());
+            self.port.set_writer_blocked(now, self.outbox.is_some());
+            if let Some(why) = self.handle_events() {
+                if let Some(end) = self.reconnect(why).await {
+                    return end;
                 }
                 continue;
             }
-            let pending_upload = match &self.smux {
-                Some(s) => s.pending_transmit(),
-                None => self.queues.up_bytes,
-            };
-            let upload_room = pending_upload < MAX_PENDING_UPLOAD;
-            // Receive backpressure the way the references get it: while the
-            // connections' buffers are full, stop reading the websocket (their writes
-            // block their websocket reader). Refusing messages instead would leave the
-            // agent to resend them one per 100 ms tick.
-            let download_room = self.download_room();
+            self.deliver();
+            self.serve_waiters();
+            self.publish_stats();
+            if let Some(end) = self.port.end() {
+                return TunnelEnd::from(end);
+            }
+            if let Err(e) = self.push_frames() {
+                if let Some(end) = self.reconnect(e).await {
+                    return end;
+                }
+                continue;
+            }
             let blocked_write = self.outbox.is_some();
-            // Silence proves nothing while we do not read (the answer waits in the
-            // socket) or while our writer is stuck behind a full socket (our ping is
-            // queued behind the data): the clock restarts when both flow again. A
-            // socket dead while writes are blocked ends in a write error.
-            if !download_room || blocked_write {
-                self.last_traffic = Instant::now();
-                self.probe_sent_at = None;
-            }
-            // Messages waiting for acknowledgement on a quiet socket: probe it.
-            let busy_probe_at = (self.probe_sent_at.is_none()
-                && self.session.channel().in_flight_messages() > 0
-                && self.writer.as_ref().is_some_and(|w| w.capacity() > 0))
-            .then(|| self.last_traffic + self.config.probe_idle);
-            if self.probe_sent_at.is_some_and(|t| self.last_traffic >= t) {
-                self.probe_sent_at = None;
-            }
-            let probe_due = self.probe_sent_at.map(|t| t + self.config.probe_timeout);
-            let deadline = [
-                probe_due,
-                busy_probe_at,
-                self.session.poll_timeout(),
-                self.smux.as_ref().and_then(smux::Session::poll_timeout),
-                self.streams.values().filter_map(Slot::fin_due).min(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let wants_input = self.port.wants_input();
+            let upload_room = self.port.upload_room();
+            let deadline = self.port.poll_timeout();
             let capacity = self.capacity.clone();
             let (Some(reader), Some(writer)) = (self.reader.as_mut(), self.writer.clone()) else {
                 return TunnelEnd::WebsocketLost("no websocket".into());
             };
-            tokio::select! {
+            let lost = tokio::select! {
                 permit = writer.reserve(), if blocked_write => match (permit, self.outbox.take()) {
-                    (Ok(permit), Some(m)) => permit.send(m),
-                    _ => {
-                        if let Some(why) = self.reconnect("websocket writer stopped".into()).await { return why; }
-                    }
+                    (Ok(permit), Some(m)) => { permit.send(m); None }
+                    _ => Some("websocket writer stopped".to_owned()),
                 },
-                msg = reader.next(), if download_room => match msg {
+                // Receive backpressure the way the references get it: while the
+                // connections' buffers are full, the websocket is not read (their
+                // writes block their websocket reader).
+                msg = reader.next(), if wants_input => match msg {
                     Some(Ok(Message::Binary(b))) => {
-                        self.last_traffic = Instant::now();
-                        log_frame_error(self.session.handle_frame(b, Instant::now()));
+                        log_frame_error(self.port.handle_frame(Instant::now(), b));
+                        None
                     }
                     Some(Ok(Message::Text(t))) => {
-                        self.last_traffic = Instant::now();
-                        log_frame_error(self.session.handle_frame(Bytes::from(t.as_bytes().to_vec()), Instant::now()));
+                        let frame = Bytes::from(t.as_bytes().to_vec());
+                        log_frame_error(self.port.handle_frame(Instant::now(), frame));
+                        None
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        let why = format!("websocket closed by the service: {frame:?}");
-                        if let Some(why) = self.reconnect(why).await { return why; }
-                    }
-                    Some(Ok(_)) => self.last_traffic = Instant::now(),
-                    Some(Err(e)) => {
-                        if let Some(why) = self.reconnect(e.to_string()).await { return why; }
-                    }
-                    None => {
-                        if let Some(why) = self.reconnect("websocket closed".into()).await { return why; }
-                    }
+                    Some(Ok(Message::Close(frame))) => Some(format!("websocket closed by the service: {frame:?}")),
+                    Some(Ok(_)) => { self.port.on_traffic(Instant::now()); None }
+                    Some(Err(e)) => Some(e.to_string()),
+                    None => Some("websocket closed".to_owned()),
                 },
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Open(reply)) => self.open(reply),
+                    Some(Command::Open(reply)) => { self.open(reply); None }
                     Some(Command::Terminate(done)) => {
-                        self.session.terminate(Instant::now());
+                        self.port.terminate(Instant::now());
                         self.drain_frames().await;
                         let _ = done.send(());
                         return TunnelEnd::Terminated;
                     }
                     None => {
-                        self.session.terminate(Instant::now());
+                        self.port.terminate(Instant::now());
                         self.drain_frames().await;
                         return TunnelEnd::Dropped;
                     }
                 },
                 input = self.input_rx.recv(), if upload_room => {
                     if let Some((key, data)) = input { self.on_user_input(key, data); }
+                    None
                 }
-                _ = capacity.notified() => {}
-                _ = sleep_until(deadline) => {
-                    let now = Instant::now();
-                    if busy_probe_at.is_some_and(|d| d <= now) {
-                        self.send_probe();
-                    }
-                    if probe_due.is_some_and(|d| d <= now) {
-                        self.probe_sent_at = None;
-                        // Unanswered only counts while we read: with reads paused for
-                        // backpressure the pong simply waits in the socket.
-                        if download_room {
-                            if let Some(why) = self.reconnect("no answer to a ping on the websocket".into()).await { return why; }
-                            continue;
-                        }
-                    }
-                    self.session.handle_timeout(now);
-                    if let Some(s) = self.smux.as_mut() { s.handle_timeout(now); }
-                }
-                _ = ping.tick() => {
-                    debug!(
-                        download_room,
-                        upload_room,
-                        smux_buffered = self.smux.as_ref().map(smux::Session::buffered_total),
-                        smux_pending = self.smux.as_ref().map(smux::Session::pending_transmit),
-                        in_flight = self.session.channel().in_flight_messages(),
-                        to_send = self.session.channel().pending_transmit(),
-                        expected = self.session.channel().expected_sequence_number(),
-                        streams = self.streams.len(),
-                        "data channel state"
-                    );
-                    if self.last_traffic.elapsed() > self.config.dead_after {
-                        if let Some(why) = self.reconnect("no traffic on the websocket".into()).await { return why; }
-                    } else if let Some(w) = &self.writer {
-                        let _ = w.try_send(Message::Ping(Bytes::from_static(b"keepalive")));
-                    }
-                }
+                _ = capacity.notified() => None,
+                _ = sleep_until(deadline) => { self.port.handle_timeout(Instant::now()); None }
+            };
+            if let Some(why) = lost
+                && let Some(end) = self.reconnect(why).await
+            {
+                return end;
             }
         }
+    }
+
+    /// Acts on the session's events; `Some(reason)` when the websocket must be
+    /// replaced.
+    fn handle_events(&mut self) -> Option<String> {
+        while let Some(ev) = self.port.poll_event() {
+            match ev {
+                PortEvent::Readable(key) => {
+                    self.readable.insert(key);
+                }
+                PortEvent::Closed(key) => {
+                    debug!(
+                        stream = key,
+                        "connection closed by the session (half-close linger)"
+                    );
+                    self.drop_slot(key);
+                }
+                PortEvent::Ping(kind) => {
+                    if kind == PingKind::Keepalive {
+                        self.log_state();
+                    } else {
+                        debug!("probing a quiet websocket");
+                    }
+                    let payload = match kind {
+                        PingKind::Keepalive => &b"keepalive"[..],
+                        PingKind::Probe => &b"probe"[..],
+                    };
+                    if let Some(w) = &self.writer {
+                        let _ = w.try_send(Message::Ping(Bytes::from_static(payload)));
+                    }
+                }
+                PortEvent::WebsocketDead(why) => return Some(why.to_string()),
+                PortEvent::ConnectToPortError => {
+                    warn!("the agent could not connect to the remote port");
+                    self.counters.last_error =
+                        Some("the agent could not connect to the remote host and port".into());
+                }
+                PortEvent::SmuxError(e) => self.counters.last_error = Some(e.to_string()),
+            }
+        }
+        None
+    }
+
+    fn log_state(&self) {
+        let channel = self.port.session().channel();
+        debug!(
+            wants_input = self.port.wants_input(),
+            upload_room = self.port.upload_room(),
+            buffered = self.port.buffered(),
+            pending_upload = self.port.pending_upload(),
+            in_flight = channel.in_flight_messages(),
+            to_send = channel.pending_transmit(),
+            expected = channel.expected_sequence_number(),
+            streams = self.slots.len(),
+            "data channel state"
+        );
     }
 
     /// Splits a new websocket: this task reads, a writer task writes, so that a full
@@ -892,14 +815,15 @@ impl Driver {
         self.outbox = None;
     }
 
-    /// Hands queued frames to the writer task without waiting; what does not fit stays
-    /// in the session's queue (and one frame in `outbox`).
+    /// Hands the session's frames to the writer task without waiting; what does not
+    /// fit stays in the session (and one frame in `outbox`).
     fn push_frames(&mut self) -> Result<(), String> {
         let Some(writer) = &self.writer else {
             return Err("no websocket".into());
         };
+        let now = Instant::now();
         while self.outbox.is_none() {
-            let Some(frame) = self.session.poll_transmit() else {
+            let Some(frame) = self.port.poll_transmit(now) else {
                 break;
             };
             match writer.try_send(Message::Binary(frame)) {
@@ -913,32 +837,39 @@ impl Driver {
         Ok(())
     }
 
-    /// Sends everything queued, waiting for the writer (used on the way out).
+    /// Sends everything queued, waiting for the writer (used on the way out), for at
+    /// most [`DRAIN_LIMIT`] in all: a dead path must not hold up a close.
     async fn drain_frames(&mut self) {
         let Some(writer) = self.writer.take() else {
             return;
         };
+        let now = Instant::now();
         let queued = self.outbox.take().into_iter();
-        let rest: Vec<Message> = std::iter::from_fn(|| self.session.poll_transmit())
+        let rest: Vec<Message> = std::iter::from_fn(|| self.port.poll_transmit(now))
             .map(Message::Binary)
             .collect();
-        for m in queued.chain(rest) {
-            if writer.send(m).await.is_err() {
-                return;
+        let task = self.writer_task.take();
+        let _ = tokio::time::timeout(DRAIN_LIMIT, async move {
+            for m in queued.chain(rest) {
+                if writer.send(m).await.is_err() {
+                    return;
+                }
             }
-        }
-        // Dropping the sender lets the pump write what is queued, then close the socket.
-        drop(writer);
-        if let Some(task) = self.writer_task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-        }
+            // Dropping the sender lets the pump write what is queued, then close the
+            // socket.
+            drop(writer);
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+        })
+        .await;
     }
 
-    /// Resumes the session after the websocket failed; `Some(reason)` ends the tunnel.
+    /// Resumes the session after the websocket failed; `Some(end)` ends the tunnel.
     async fn reconnect(&mut self, why: String) -> Option<TunnelEnd> {
         warn!(reason = %why, "data channel websocket lost");
         self.counters.last_error = Some(why.clone());
-        self.session.on_disconnect();
+        self.port.on_disconnect();
         // Drop the TCP connection now, without a Close frame and without writing what
         // is queued (the channel retransmits it on the next websocket).
         if let Some(task) = self.writer_task.take() {
@@ -949,7 +880,7 @@ impl Driver {
         self.outbox = None;
         let resumer = self.resumer.clone()?;
         self.counters.reconnecting = true;
-        let outcome = self.resume_loop(resumer, why).await;
+        let outcome = self.resume_loop(resumer).await;
         self.counters.reconnecting = false;
         self.publish_stats();
         outcome
@@ -957,12 +888,12 @@ impl Driver {
 
     /// Retries ResumeSession and the websocket with capped, jittered exponential backoff
     /// until it works, the service refuses, or the channel gives up.
-    async fn resume_loop(&mut self, resumer: Resumer, why: String) -> Option<TunnelEnd> {
+    async fn resume_loop(&mut self, resumer: Resumer) -> Option<TunnelEnd> {
         let mut attempt: u32 = 0;
         loop {
             self.publish_stats();
-            if self.session.channel().close_reason().is_some() {
-                return self.check_end().or(Some(TunnelEnd::WebsocketLost(why)));
+            if let Some(end) = self.port.end() {
+                return Some(TunnelEnd::from(end));
             }
             let base = Duration::from_millis(100 + fastrand::u64(0..100));
             let delay = base
@@ -989,14 +920,14 @@ impl Driver {
             }
             match dial_signed(&self.ticket.stream_url, &self.config).await {
                 Ok(mut socket) => {
-                    let open = self.session.open_data_channel_message(&resumed.token_value);
+                    let open = self.port.open_data_channel_message(&resumed.token_value);
                     if socket.send(Message::text(open)).await.is_err() {
                         continue;
                     }
                     self.attach_socket(socket);
-                    self.last_traffic = Instant::now();
-                    self.session.set_wall_clock(Instant::now(), unix_ms());
-                    self.session.on_reconnect(Instant::now());
+                    let now = Instant::now();
+                    self.port.set_wall_clock(now, unix_ms());
+                    self.port.on_reconnect(now);
                     self.counters.resumes += 1;
                     info!(attempt, "data channel resumed");
                     return None;
@@ -1009,61 +940,47 @@ impl Driver {
         }
     }
 
-    /// Pings the websocket and expects some frame back within `probe_timeout`; not
-    /// while reads are paused for backpressure or the writer is blocked (silence
-    /// proves nothing then), nor with a probe already out.
-    fn send_probe(&mut self) {
-        if self.probe_sent_at.is_none()
-            && self.outbox.is_none()
-            && self.download_room()
-            && let Some(w) = &self.writer
-            && w.try_send(Message::Ping(Bytes::from_static(b"probe")))
-                .is_ok()
-        {
-            debug!("probing a quiet websocket");
-            self.probe_sent_at = Some(Instant::now());
-        }
-    }
-
     fn open(&mut self, reply: oneshot::Sender<Result<TunnelStream, TunnelError>>) {
-        if let Some(why) = self.session.channel().close_reason() {
-            let _ = reply.send(Err(TunnelError::Ended(format!("{why:?}"))));
+        if let Some(end) = self.port.end() {
+            let _ = reply.send(Err(TunnelError::Ended(end.to_string())));
             return;
         }
-        // After a laptop sleep the websocket may be dead without knowing it: check.
-        if self.last_traffic.elapsed() > self.config.probe_idle {
-            self.send_probe();
-        }
-        match self.smux.as_mut() {
-            Some(smux) => match smux.open_stream() {
-                Ok(id) => {
-                    let user = self.attach(id.get());
+        if self.port.is_mux() {
+            match self.port.open_stream(Instant::now()) {
+                Ok(key) => {
+                    let user = self.attach(key);
                     let _ = reply.send(Ok(user));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(TunnelError::Ended(e.to_string())));
                 }
-            },
-            None => {
-                self.basic_waiters.push(reply);
-                self.start_next_basic();
             }
+        } else {
+            self.waiters.push_back(reply);
+            self.serve_waiters();
         }
     }
 
-    fn start_next_basic(&mut self) {
-        while self.basic.is_none() && !self.basic_waiters.is_empty() {
-            let reply = self.basic_waiters.remove(0);
+    /// Basic mode: hands the session to the next waiting connection once the one
+    /// before it has ended.
+    fn serve_waiters(&mut self) {
+        while !self.waiters.is_empty() && self.port.can_open() {
+            let Some(reply) = self.waiters.pop_front() else {
+                break;
+            };
             if reply.is_closed() {
                 continue;
             }
-            let key = self.next_basic_id;
-            self.next_basic_id = self.next_basic_id.wrapping_add(1);
+            let Ok(key) = self.port.open_stream(Instant::now()) else {
+                self.waiters.push_front(reply);
+                break;
+            };
             let user = self.attach(key);
-            if reply.send(Ok(user)).is_ok() {
-                self.basic = Some(key);
-            } else {
-                self.streams.remove(&key);
+            if let Err(Ok(unused)) = reply.send(Ok(user)) {
+                // The connection went away while it waited.
+                drop(unused);
+                self.port.finish(key, Instant::now());
+                self.slots.remove(&key);
             }
         }
     }
@@ -1083,212 +1000,88 @@ impl Driver {
                 capacity: self.capacity.clone(),
             },
         };
-        self.streams.insert(
-            key,
-            Slot {
-                to_user,
-                remote_fin: false,
-                local_eof_at: None,
-                last_remote_data: Instant::now(),
-            },
-        );
-        self.counters.open_streams = self.streams.len();
+        self.slots.insert(key, Slot { to_user });
         self.counters.total_streams += 1;
         user
     }
 
     fn on_user_input(&mut self, key: Key, data: Option<Bytes>) {
-        if !self.streams.contains_key(&key) {
+        if !self.slots.contains_key(&key) {
             return;
         }
-        match (&mut self.smux, data) {
-            (Some(smux), Some(d)) => {
-                self.counters.bytes_up += d.len() as u64;
-                let _ = smux.write_bytes(StreamId(key), d);
+        match data {
+            Some(d) => {
+                let _ = self.port.write(key, d);
             }
-            (Some(_), None) => {
-                // Half-close: keep receiving; the FIN goes out in `finish_half_closed`.
-                if let Some(slot) = self.streams.get_mut(&key) {
-                    slot.local_eof_at = Some(Instant::now());
+            None => {
+                self.port.finish(key, Instant::now());
+                if !self.port.is_mux() {
+                    // Basic mode: the connection is over once its DisconnectToPort is
+                    // queued; the next waiting connection may start.
+                    self.drop_slot(key);
                 }
-            }
-            (None, Some(d)) => {
-                self.counters.bytes_up += d.len() as u64;
-                self.queues.up_bytes += d.len();
-                self.queues.up.push_back(Upload::Data(d));
-            }
-            (None, None) => {
-                // [P] `basicportforwarding.go` fn `ReadStream`: local EOF → DisconnectToPort,
-                // after everything read before it.
-                self.queues.up.push_back(Upload::Disconnect);
-                self.drop_stream(key);
-                self.basic = None;
-                self.queues.down.clear();
-                self.queues.down_bytes = 0;
-                self.start_next_basic();
             }
         }
     }
 
-    fn drop_stream(&mut self, key: Key) {
-        self.streams.remove(&key);
-        self.counters.open_streams = self.streams.len();
+    fn drop_slot(&mut self, key: Key) {
+        self.slots.remove(&key);
+        self.readable.remove(&key);
     }
 
-    fn pump_session(&mut self) {
-        while let Some(ev) = self.session.poll_event() {
-            match ev {
-                SessionEvent::Output(bytes) => {
-                    self.counters.bytes_down += bytes.len() as u64;
-                    match (&mut self.smux, self.basic) {
-                        (Some(smux), _) => {
-                            if let Err(e) = smux.handle_input(&bytes) {
-                                self.counters.last_error = Some(e.to_string());
-                            }
-                        }
-                        (None, Some(_)) => {
-                            self.queues.down_bytes += bytes.len();
-                            self.queues.down.push_back(bytes);
-                        }
-                        // The receive gate refuses output while no connection is open.
-                        (None, None) => {}
-                    }
-                }
-                SessionEvent::Flag(Flag::ConnectToPortError) => {
-                    self.counters.connect_to_port_errors += 1;
-                    warn!("the agent could not connect to the remote port");
-                    self.counters.last_error =
-                        Some("the agent could not connect to the remote host and port".into());
-                }
-                SessionEvent::Closed(end) => {
-                    self.counters.last_error = Some(end.to_string());
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Moves queued upload bytes into the channel while its window has room.
-    fn pump_upload(&mut self) {
-        let now = Instant::now();
-        let max = self.config.max_payload;
-        while self.session.can_send(max) {
-            let result = match self.smux.as_mut() {
-                Some(smux) => match smux.poll_transmit(max) {
-                    Some(chunk) => self.session.send_output(chunk, now),
-                    None => break,
-                },
-                None => match self.queues.up.pop_front() {
-                    Some(Upload::Data(mut d)) => {
-                        let piece = d.split_to(d.len().min(max));
-                        self.queues.up_bytes -= piece.len();
-                        if !d.is_empty() {
-                            self.queues.up.push_front(Upload::Data(d));
-                        }
-                        self.session.send_output(piece, now)
-                    }
-                    Some(Upload::Disconnect) => self.session.send_flag(Flag::DisconnectToPort, now),
-                    None => break,
-                },
-            };
-            if let Err(e) = result {
-                // Only a closed session refuses once the window has room.
-                self.counters.last_error = Some(e.to_string());
-                break;
-            }
-        }
-    }
-
-    /// Basic mode: moves received bytes to the connection's writer task.
-    fn deliver_basic(&mut self) {
-        let Some(slot) = self.basic.and_then(|k| self.streams.get(&k)) else {
-            return;
-        };
-        while let Some(front) = self.queues.down.front() {
-            let Ok(permit) = slot.to_user.try_reserve() else {
-                break;
-            };
-            self.queues.down_bytes -= front.len();
-            permit.send(self.queues.down.pop_front().unwrap_or_default());
-        }
-    }
-
-    /// Moves received smux data to the connections' writer tasks while they have room.
+    /// Moves received bytes to the connections while their queues have room; closes
+    /// the connections whose client is gone.
     fn deliver(&mut self) {
-        let Some(smux) = self.smux.as_mut() else {
-            return self.deliver_basic();
-        };
-        while let Some(ev) = smux.poll_event() {
-            match ev {
-                smux::Event::Finished(id) => {
-                    if let Some(slot) = self.streams.get_mut(&id.get()) {
-                        slot.remote_fin = true;
-                    }
-                }
-                smux::Event::Closed(reason) => {
-                    self.counters.last_error = Some(format!("smux: {reason}"));
-                }
-                smux::Event::Readable(_) | smux::Event::Accepted(_) => {}
-            }
-        }
-        let mut finished = Vec::new();
         let now = Instant::now();
-        for (&key, slot) in self.streams.iter_mut() {
+        let keys: Vec<Key> = self.readable.iter().copied().collect();
+        for key in keys {
+            let Some(slot) = self.slots.get(&key) else {
+                self.readable.remove(&key);
+                continue;
+            };
+            let mut ended = false;
             loop {
                 let Ok(permit) = slot.to_user.try_reserve() else {
                     break;
                 };
-                match smux.read(StreamId(key), DELIVERY_CHUNK) {
-                    Ok(StreamRead::Data(b)) => {
-                        slot.last_remote_data = now;
-                        permit.send(b);
+                match self.port.read(key, DELIVERY_CHUNK, now) {
+                    StreamRead::Data(b) => permit.send(b),
+                    StreamRead::Blocked => {
+                        self.readable.remove(&key);
+                        break;
                     }
-                    Ok(StreamRead::Blocked) => break,
-                    Ok(StreamRead::Eof) | Err(_) => {
-                        finished.push(key);
+                    StreamRead::Eof => {
+                        ended = true;
                         break;
                     }
                 }
             }
-            if slot.remote_fin && smux.buffered(StreamId(key)) == 0 && !finished.contains(&key) {
-                finished.push(key);
-            }
-            // Nobody reads this connection any more (the client closed it entirely):
-            // no reply can reach anyone, so no linger.
-            if slot.to_user.is_closed() && !finished.contains(&key) {
-                finished.push(key);
-            }
-            if slot.fin_due().is_some_and(|due| due <= now) && !finished.contains(&key) {
-                debug!(stream = key, "half-closed connection quiet; sending FIN");
-                finished.push(key);
+            if ended {
+                // Dropping the sender ends the connection's Downstream.
+                self.drop_slot(key);
             }
         }
-        for key in finished {
-            let _ = smux.close(StreamId(key));
-            self.streams.remove(&key);
+        // Nobody reads these any more (the client closed entirely): no reply can reach
+        // anyone, so no linger.
+        let gone: Vec<Key> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.to_user.is_closed())
+            .map(|(&k, _)| k)
+            .collect();
+        for key in gone {
+            self.port.close(key, now);
+            self.drop_slot(key);
         }
-        self.counters.open_streams = self.streams.len();
-    }
-
-    /// True while received data has somewhere to go. (Reading never waits for writing:
-    /// the peer may be blocked writing to us; the channel bounds its ack queue instead.)
-    fn download_room(&self) -> bool {
-        match &self.smux {
-            Some(smux) => smux.wants_input(),
-            None => self.queues.down_bytes < MAX_PENDING_DOWNLOAD,
-        }
-    }
-
-    /// In basic mode with no connection open, output is refused unacknowledged, as [P]
-    /// drops it until a local client connects (`portsession.go` fn `Initialize`,
-    /// `IsStreamNotSet`); the agent sends it again later.
-    fn update_receive_ready(&mut self) {
-        let ready = self.smux.is_some() || self.basic.is_some();
-        self.session.set_receive_ready(ready);
     }
 
     fn publish_stats(&mut self) {
-        self.counters.retransmissions = self.session.channel().stats().retransmissions;
+        let s = self.port.stats();
+        self.counters.bytes_up = s.bytes_up;
+        self.counters.bytes_down = s.bytes_down;
+        self.counters.connect_to_port_errors = s.connect_to_port_errors;
+        self.counters.retransmissions = s.retransmissions;
+        self.counters.open_streams = self.slots.len();
         let snapshot = self.counters.clone();
         self.stats.send_if_modified(|s| {
             if *s == snapshot {
@@ -1299,25 +1092,7 @@ impl Driver {
             }
         });
     }
-
-    fn check_end(&self) -> Option<TunnelEnd> {
-        if let Some(reason) = self.session.channel().close_reason() {
-            return Some(match reason {
-                crate::proto::channel::CloseReason::ChannelClosed(c) => TunnelEnd::ChannelClosed {
-                    output: c.output.clone(),
-                },
-                crate::proto::channel::CloseReason::ResendTimeout { sequence_number } => {
-                    TunnelEnd::ResendTimeout {
-                        sequence_number: *sequence_number,
-                    }
-                }
-            });
-        }
-        if let Some(smux) = &self.smux
-            && let Some(reason) = smux.close_reason()
-        {
-            return Some(TunnelEnd::Smux(reason.to_string()));
-        }
-        None
-    }
 }
+
+/// How long ending a session may wait for its last frames to be written.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);

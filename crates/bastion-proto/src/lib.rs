@@ -13,8 +13,10 @@
 pub mod channel;
 pub mod crypto;
 pub mod kind;
+pub mod liveness;
 pub mod message;
 pub mod payload;
+pub mod port;
 pub mod rtt;
 pub mod session;
 pub mod smux;
