@@ -5,19 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # --- what the tests need --------------------------------------------------------------
-# Go and Debian's xtaci/smux: the real smux peer of tests/smux_interop.rs.
+# Go and Debian's xtaci/smux: the real smux peer of crates/bastion-proto/tests/smux_interop.rs.
 packages=()
 command -v go >/dev/null 2>&1 || packages+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/xtaci/smux ] || packages+=(golang-github-xtaci-smux-dev)
 # A real PostgreSQL server and psql: the end-to-end tests tunnel queries to it.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
 command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
-# A real MariaDB server and the mariadb client: tests/mariadb_e2e.rs tunnels to it.
+# A real MariaDB server and the mariadb client: tests/e2e/mariadb_e2e.rs tunnels to it.
 # (mariadbd lives in /usr/sbin, which is not on every user's PATH.)
 { command -v mariadbd || [ -x /usr/sbin/mariadbd ]; } >/dev/null 2>&1 || packages+=(mariadb-server)
 command -v mariadb >/dev/null 2>&1 || packages+=(mariadb-client)
-# moto_server and awscli v1 (PyPI) in a venv: the EC2 endpoint of tests/sim_ec2.rs, and
-# the `aws ssm start-session` that spawns our plugin drop-in in tests/awscli_dropin.rs.
+# moto_server and awscli v1 (PyPI) in a venv: the EC2 endpoint of tests/e2e/sim_ec2.rs, and
+# the `aws ssm start-session` that spawns our plugin drop-in in tests/e2e/awscli_dropin.rs.
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 venv="${BASTION_TEST_VENV:-target/test-venv}"
 # Pinned: the simulator answers the AMI ids of moto's data set (src/sim/service.rs

@@ -2,8 +2,8 @@
 //! in for AWS (reached through `AWS_ENDPOINT_URL_SSM`), the real `bastiond run` process
 //! and real clients (psql, tokio-postgres, bastionctl).
 
-mod e2e_util;
-mod sim_util;
+use crate::e2e_util;
+use crate::sim_util;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};

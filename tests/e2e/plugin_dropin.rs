@@ -3,7 +3,7 @@
 //! simulator, over real sockets, with the real binary. Every expected string is the
 //! plugin's own (see `src/plugin/output.rs` for the sources).
 
-mod sim_util;
+use crate::sim_util;
 
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt as _;

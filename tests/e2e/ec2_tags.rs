@@ -9,8 +9,8 @@
 //! moto_server comes from a Python venv (`BASTION_TEST_VENV`, default `target/test-venv`;
 //! scripts/test.sh creates it), started by [`e2e_util::moto::Moto`].
 
-mod e2e_util;
-mod sim_util;
+use crate::e2e_util;
+use crate::sim_util;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! `bastionctl` through a symlink of that name: the drop-in, with the argv and the
 //! environment exactly as the CLI passes them.
 
-mod sim_util;
+use crate::sim_util;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

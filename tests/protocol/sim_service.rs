@@ -1,7 +1,7 @@
 //! The simulator's SSM service API (AWS JSON 1.1) and its introspection endpoints,
 //! driven over HTTP/1.1 by a hand-written client.
 
-mod sim_util;
+use crate::sim_util;
 
 use bastion_sim::{Faults, SimConfig, TargetPolicy};
 use serde_json::json;

@@ -2,7 +2,7 @@
 //! SDK's typed errors (or carry the code for unmodelled ones), timestamps parse, and the
 //! SDK's retry of a throttled call succeeds.
 
-mod sim_util;
+use crate::sim_util;
 
 use aws_sdk_ssm::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ssm::error::ProvideErrorMetadata;

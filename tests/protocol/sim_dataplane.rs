@@ -4,7 +4,7 @@
 //! recycle and cuts, idle timeout, and full port sessions driven by a hand-built client
 //! (ClientMessage + payload types + proto::smux).
 
-mod sim_util;
+use crate::sim_util;
 
 use std::time::Duration;
 

@@ -5,8 +5,8 @@
 //! backed by the same moto. Every client reaches its emulator through the standard
 //! endpoint setting (`endpoint_url` in the SDK configuration).
 
-mod e2e_util;
-mod sim_util;
+use crate::e2e_util;
+use crate::sim_util;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

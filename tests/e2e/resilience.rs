@@ -2,7 +2,7 @@
 //! fault knobs (websocket cuts, service recycling, loss, duplication, reordering,
 //! refused resumes, agent pacing), SHA-256 of every transfer.
 
-mod e2e_util;
+use crate::e2e_util;
 
 use std::time::{Duration, Instant};
 

@@ -2,8 +2,8 @@
 //! TRACE line, from bastion or from a dependency (the caps on tungstenite and
 //! aws_smithy_runtime used to be directives that raised those targets to DEBUG).
 
-mod e2e_util;
-mod sim_util;
+use crate::e2e_util;
+use crate::sim_util;
 
 use e2e_util::{DaemonProcess, echo_roundtrip, free_port, profile, wait_listening};
 

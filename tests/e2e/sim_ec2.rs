@@ -2,8 +2,8 @@
 //! `BASTION_TEST_VENV`, default `target/test-venv`; scripts/test.sh creates it) and
 //! reports an instance Online only once it runs there and the boot delay has passed.
 
-mod e2e_util;
-mod sim_util;
+use crate::e2e_util;
+use crate::sim_util;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! and the real `mariadb` command-line client. The last test runs a PostgreSQL and a
 //! MariaDB profile side by side in one daemon.
 
-mod e2e_util;
+use crate::e2e_util;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};

@@ -4,8 +4,8 @@
 //! reports the instance Online only after a boot delay, and a real PostgreSQL (or an echo
 //! server) sits behind the tunnel.
 
-mod e2e_util;
-mod sim_util;
+use crate::e2e_util;
+use crate::sim_util;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
