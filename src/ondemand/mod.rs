@@ -1,5 +1,6 @@
 //! On-demand bastions: EC2 instances and Fargate tasks that exist only while used.
 //!
+//! * [`lifecycle`]: every lifecycle decision, as one pure function ([`lifecycle::decide`]).
 //! * [`manager`]: the lifecycle of one profile's bastion (launch, wait for Session
 //!   Manager, reuse, idle and lifetime termination, reconciliation after a crash).
 //! * [`cloud`]: the EC2 and ECS calls behind it.
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub mod cloud;
+pub mod lifecycle;
 pub mod manager;
 pub mod registry;
 pub mod userdata;
