@@ -2,7 +2,8 @@
 //!
 //! * [`lifecycle`]: every lifecycle decision, as one pure function ([`lifecycle::decide`]).
 //! * [`manager`]: the lifecycle of one profile's bastion (launch, wait for Session
-//!   Manager, reuse, idle and lifetime termination, reconciliation after a crash).
+//!   Manager, reuse, idle and lifetime termination, reconciliation after a crash): it
+//!   gathers the decisions' inputs and executes their steps.
 //! * [`cloud`]: the EC2 and ECS calls behind it.
 //! * [`registry`]: where each bastion's record lives (a local file or a DynamoDB table).
 //! * [`userdata`]: the EC2 user-data templates.
