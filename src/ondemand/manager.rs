@@ -8,6 +8,10 @@
 //! compare-and-swap on the record's version, so two daemons sharing a registry never both
 //! launch or both terminate, and a daemon killed at any point finds, on its next start,
 //! a record that says what it was doing ([`Bastions::reconcile`]).
+//!
+//! Every decision is [`lifecycle::decide`]'s (a pure function); [`Bastions`] gathers its
+//! inputs (the record, AWS answers, the time), calls it, and executes the [`Step`] it
+//! returns.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +23,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Host;
 use super::cloud::{Cloud, CloudError, Resource, ResourceState, TAG_LAUNCH_ID};
+use super::lifecycle::{
+    self, Entry, Facts, Input, LEASE, Look, Memory, Now, Observed, Occasion, Reason, Settings,
+    Step, TAG_EXPIRES, humanize,
+};
 use super::registry::{
     DynamoRegistry, FileRegistry, Phase, ProviderKind, Record, Registry, RegistryError, record_key,
 };
@@ -27,44 +35,18 @@ use crate::api::{ApiError, BastionStatus, Progress};
 use crate::aws::ssm::{AwsTarget, SsmApi};
 use crate::config::bastion::{OnDemand, Provider, RegistryLocation};
 
-/// How long a lease on a record in a transient phase holds without renewal.
-const LEASE: Duration = Duration::from_secs(90);
-
-/// How often a bastion in use is re-checked against EC2/ECS.
-const VERIFY_EVERY: Duration = Duration::from_secs(30);
-
 /// How often Session Manager is polled while a bastion boots.
 const POLL_EVERY: Duration = Duration::from_secs(2);
 
-/// How often the registry and the provider are reconciled while the daemon runs.
-const SWEEP_EVERY: Duration = Duration::from_secs(5 * 60);
-
-/// Without a bastion and without connections, the registry is read this often (a
-/// colleague's launch of a shared bastion is noticed this late; a DynamoDB read each
-/// second per profile would cost for nothing).
-const ABSENT_RECHECK: Duration = Duration::from_secs(15);
-
-/// How often a daemon without AWS access yet retries its first reconciliation.
-const CTX_RETRY: Duration = Duration::from_secs(30);
-
-/// How long after a launch record an instance may still be invisible to DescribeInstances
-/// (EC2 is eventually consistent just after RunInstances).
-const LAUNCH_VISIBILITY: Duration = Duration::from_secs(15);
-
-/// Resources past their `bastion:expires` by this much are ended by any daemon that sees
-/// them, whoever owns them.
-const EXPIRED_GRACE: Duration = Duration::from_secs(10 * 60);
-
-/// How often idle checks may call DescribeSessions.
-const SESSIONS_CHECK_EVERY: Duration = Duration::from_secs(10);
-
-/// What the profile should do after a [`Bastions::tick`].
+/// What the profile should do after a [`Bastions::tick`]: the part of a step that the
+/// profile executes, because it owns the sessions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Nothing.
     Keep,
-    /// End the profile's sessions and call [`Bastions::terminate_now`] with this reason
-    /// and record version (which it refuses to act on if the record changed since).
+    /// [`Step::EndSessionsThenTerminate`]: call [`Bastions::claim_termination`] with this
+    /// reason and record version (it refuses if the record changed since), end the
+    /// profile's sessions, then call [`Bastions::finish_termination`].
     Terminate {
         /// Why (for logs and events).
         reason: String,
@@ -79,6 +61,14 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The clocks, read for a decision.
+fn now() -> Now {
+    Now {
+        ms: now_ms(),
+        at: Instant::now(),
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -87,6 +77,40 @@ fn iso(ms: u64) -> String {
     aws_smithy_types::DateTime::from_millis(ms as i64)
         .fmt(aws_smithy_types::date_time::Format::DateTime)
         .unwrap_or_default()
+}
+
+/// One round of decisions: the record as read, what was observed since, and the time
+/// the record was read (which every decision of the round uses).
+struct Round {
+    record: Entry,
+    facts: Facts,
+    now: Now,
+}
+
+impl Round {
+    /// A round whose record is still to be read.
+    fn new() -> Round {
+        Round {
+            record: Entry::Unread,
+            facts: Facts::default(),
+            now: now(),
+        }
+    }
+
+    /// A round on a record just read.
+    fn read(record: Option<Record>) -> Round {
+        Round {
+            record: record.into(),
+            ..Round::new()
+        }
+    }
+
+    fn record(&self) -> Option<&Record> {
+        match &self.record {
+            Entry::Present(r) => Some(r),
+            Entry::Unread | Entry::Absent => None,
+        }
+    }
 }
 
 /// The AWS side, created on first use.
@@ -99,34 +123,16 @@ struct Ctx {
     region: String,
 }
 
-/// What the daemon last learned, for `status`.
-#[derive(Default)]
-struct Mem {
-    record: Option<Record>,
-    verified_at: Option<Instant>,
-    last_local_use: Option<Instant>,
-    touched_at: Option<Instant>,
-    warned_launch: Option<String>,
-    warning: Option<String>,
-    last_error: Option<String>,
-    sessions_checked_at: Option<Instant>,
-    /// No record was found then: the registry is not read again for a while unless a
-    /// connection is open (launches go through `ensure_ready`, which reads it anyway).
-    absent_since: Option<Instant>,
-    /// The profile's last connection start/end seen by the previous tick.
-    seen_activity: Option<Instant>,
-    swept_at: Option<Instant>,
-}
-
 /// A profile's on-demand bastion.
 pub struct Bastions {
     profile: String,
     cfg: OnDemand,
+    settings: Settings,
     aws: AwsTarget,
     host: Arc<Host>,
     ctx: OnceCell<Ctx>,
     events: broadcast::Sender<Progress>,
-    mem: Mutex<Mem>,
+    mem: Mutex<Memory>,
     ensure: AsyncMutex<()>,
 }
 
@@ -146,6 +152,13 @@ impl Bastions {
     pub fn new(profile: &str, cfg: OnDemand, aws: AwsTarget, host: Arc<Host>) -> Arc<Bastions> {
         Arc::new(Bastions {
             profile: profile.to_owned(),
+            settings: Settings {
+                daemon_id: host.daemon_id.clone(),
+                idle_timeout: cfg.idle_timeout,
+                max_lifetime: cfg.max_lifetime,
+                lifetime_warning: cfg.lifetime_warning,
+                ready_timeout: cfg.ready_timeout,
+            },
             cfg,
             aws,
             host,
@@ -161,7 +174,7 @@ impl Bastions {
         self.events.subscribe()
     }
 
-    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+    fn mem(&self) -> std::sync::MutexGuard<'_, Memory> {
         self.mem.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -243,13 +256,17 @@ impl Bastions {
         }
     }
 
-    fn is_mine(&self, r: &Record) -> bool {
-        r.holder == self.host.daemon_id
-    }
-
-    /// A transient record we may act on: ours, or its holder's lease ran out.
-    fn may_take_over(&self, r: &Record) -> bool {
-        self.is_mine(r) || r.lease_until_ms <= now_ms()
+    /// [`lifecycle::decide`] on `round`, with what this daemon remembers.
+    fn decide(&self, occasion: Occasion<'_>, round: &Round) -> Step {
+        let memory = self.mem();
+        lifecycle::decide(&Input {
+            occasion,
+            record: &round.record,
+            memory: &memory,
+            now: round.now,
+            facts: &round.facts,
+            settings: &self.settings,
+        })
     }
 
     fn tags(&self, ctx: &Ctx, launch_id: &str, expires_ms: u64) -> BTreeMap<String, String> {
@@ -261,7 +278,7 @@ impl Bastions {
         tags.insert("bastion:registry".into(), ctx.registry.id());
         tags.insert("bastion:owner".into(), ctx.owner.clone());
         tags.insert(TAG_LAUNCH_ID.into(), launch_id.to_owned());
-        tags.insert("bastion:expires".into(), iso(expires_ms));
+        tags.insert(TAG_EXPIRES.into(), iso(expires_ms));
         tags
     }
 
@@ -274,57 +291,263 @@ impl Bastions {
 
     /// Makes sure the bastion runs and Session Manager reaches it; returns the session
     /// target. Launches one if none exists (reusing a live one first), and waits at most
-    /// `ready_timeout` for it, reporting progress as events.
+    /// `ready_timeout` for it, reporting progress as events. One round of decisions per
+    /// registry read ([`Occasion::Use`]).
     pub async fn ensure_ready(&self) -> Result<String, ApiError> {
         let span = info_span!("bastion", profile = %self.profile);
         async {
             let ctx = self.ctx().await?;
             let _guard = self.ensure.lock().await;
-            let deadline = Instant::now() + self.cfg.ready_timeout;
+            let occasion = Occasion::Use {
+                deadline: Instant::now() + self.cfg.ready_timeout,
+            };
+            let mut round = Round::new();
             loop {
-                let record = ctx.registry.get(&ctx.key).await.map_err(registry_error)?;
-                self.remember(record.clone());
-                if Instant::now() >= deadline {
-                    let e = self.timeout_error(ctx, record.as_ref());
-                    self.emit("failed", record.as_ref(), Some(e.message.clone()));
-                    self.mem().last_error = Some(e.message.clone());
-                    return Err(e);
-                }
-                let Some(record) = record else {
-                    if !self.adopt_live(ctx).await? {
-                        self.launch(ctx).await?;
+                match self.decide(occasion, &round) {
+                    Step::Look(Look::Record) => {
+                        let record = ctx.registry.get(&ctx.key).await.map_err(registry_error)?;
+                        self.remember(record.clone());
+                        round = Round::read(record);
                     }
-                    continue;
-                };
-                match record.phase {
-                    Phase::Ready | Phase::Idle => {
-                        if let Some(target) = self.use_ready(ctx, record).await? {
-                            return Ok(target);
+                    Step::Look(look) => self.look(ctx, occasion, look, &[], &mut round).await?,
+                    Step::GiveUp => {
+                        let e = self.timeout_error(ctx, round.record());
+                        self.emit("failed", round.record(), Some(e.message.clone()));
+                        self.mem().last_error = Some(e.message.clone());
+                        return Err(e);
+                    }
+                    Step::RecordUse => {
+                        let Some(record) = round.record() else {
+                            round = Round::new();
+                            continue;
+                        };
+                        let mut next = record.clone();
+                        next.phase = Phase::Ready;
+                        next.last_used_ms = now_ms();
+                        next.version += 1;
+                        match ctx.registry.put(&next, Some(record.version)).await {
+                            Ok(()) => round.record = Entry::Present(Box::new(next)),
+                            Err(RegistryError::Conflict(_)) => round = Round::new(),
+                            Err(e) => return Err(registry_error(e)),
                         }
                     }
-                    Phase::WaitingOnline => self.poll_online(ctx, record).await?,
-                    Phase::Launching if !self.may_take_over(&record) => {
-                        self.emit(
-                            "waiting_for_launch",
-                            Some(&record),
-                            Some(format!(
-                                "another daemon ({}) is launching it",
-                                record.holder
-                            )),
-                        );
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    Step::HandOut { target } => {
+                        self.emit("ready", round.record(), target.clone());
+                        self.remember(round.record().cloned());
+                        if let Some(target) = target {
+                            return Ok(target);
+                        }
+                        round = Round::new();
                     }
-                    Phase::Launching => self.recover_launching(ctx, record).await?,
-                    Phase::Terminating if !self.may_take_over(&record) => {
-                        self.emit("waiting_for_termination", Some(&record), None);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    step => {
+                        self.act(ctx, occasion, &round, step).await?;
+                        round = Round::new();
                     }
-                    Phase::Terminating => self.finish_terminate(ctx, record).await?,
                 }
             }
         }
         .instrument(span)
         .await
+    }
+
+    /// Gathers the fact `look` asks for into `round`. `own`: the profile's live session
+    /// ids (not counted as someone else's use). A failure the rules can decide on is
+    /// recorded as [`Observed::Failed`]; any other is returned.
+    async fn look(
+        &self,
+        ctx: &Ctx,
+        occasion: Occasion<'_>,
+        look: Look,
+        own: &[String],
+        round: &mut Round,
+    ) -> Result<(), ApiError> {
+        let resource = round
+            .record()
+            .and_then(|r| r.resource.clone())
+            .unwrap_or_default();
+        match look {
+            Look::Record => {
+                *round = Round::read(ctx.registry.get(&ctx.key).await.map_err(registry_error)?);
+            }
+            // Only a tick takes the lock without waiting, and it does so itself.
+            Look::Lock => round.facts.lock = Some(false),
+            Look::Resource => {
+                let reconcile = occasion == Occasion::Reconcile;
+                // A connection about to use a ready bastion (not one that boots).
+                let using = matches!(occasion, Occasion::Use { .. })
+                    && round
+                        .record()
+                        .is_some_and(|r| matches!(r.phase, Phase::Ready | Phase::Idle));
+                round.facts.state = match ctx.cloud.state(&resource).await {
+                    Ok(state) => {
+                        let alive = !matches!(state, ResourceState::Gone | ResourceState::Stopped);
+                        if using && alive {
+                            self.mem().verified_at = Some(Instant::now());
+                        }
+                        Observed::Is(state)
+                    }
+                    Err(e) if reconcile => return Err(self.cloud_error("checking the bastion", e)),
+                    Err(e) => {
+                        if using {
+                            warn!(error = %e, "cannot check the bastion; using it anyway");
+                        }
+                        Observed::Failed
+                    }
+                };
+            }
+            Look::Online => {
+                let online =
+                    ctx.cloud.online(&ctx.ssm, &resource).await.map_err(|e| {
+                        self.cloud_error("checking whether the bastion is online", e)
+                    })?;
+                round.facts.online = Some(online);
+            }
+            Look::Sessions { target } => {
+                let tick = matches!(occasion, Occasion::Tick { .. });
+                if tick {
+                    self.mem().sessions_checked_at = Some(Instant::now());
+                }
+                round.facts.others = match ctx.ssm.active_sessions(&target).await {
+                    Ok(active) => Observed::Is(active.iter().filter(|s| !own.contains(s)).count()),
+                    Err(e) if tick => {
+                        let message = format!(
+                            "cannot tell whether the bastion is in use (ssm:DescribeSessions: {e}); \
+                             keeping it until max lifetime"
+                        );
+                        warn!(profile = %self.profile, "{message}");
+                        self.mem().last_error = Some(message);
+                        Observed::Failed
+                    }
+                    Err(_) => Observed::Failed,
+                };
+            }
+            Look::Launch => {
+                let mut tags = Self::scope_tags(ctx);
+                let launch_id = round.record().map(|r| r.launch_id.clone());
+                tags.insert(TAG_LAUNCH_ID.into(), launch_id.unwrap_or_default());
+                let found = ctx
+                    .cloud
+                    .find(&tags)
+                    .await
+                    .map_err(|e| self.cloud_error("looking for an interrupted launch", e))?;
+                round.facts.launched = Some(found);
+            }
+            Look::Reusable => {
+                let found = ctx
+                    .cloud
+                    .find(&Self::scope_tags(ctx))
+                    .await
+                    .map_err(|e| self.cloud_error("finding a running bastion", e))?;
+                round.facts.reusable = Some(found);
+            }
+            Look::RecordAgain => {
+                let record = ctx.registry.get(&ctx.key).await.map_err(registry_error)?;
+                round.facts.reread = Some(record.map(|r| r.launch_id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes a step that acts on the bastion: a registry write, a provider call, a
+    /// wait. (The steps particular to one occasion are executed by its own loop.)
+    async fn act(
+        &self,
+        ctx: &Ctx,
+        occasion: Occasion<'_>,
+        round: &Round,
+        step: Step,
+    ) -> Result<(), ApiError> {
+        match &step {
+            Step::Reuse(r) => return self.reuse(ctx, r).await,
+            Step::Launch => return self.launch(ctx).await,
+            _ => {}
+        }
+        let Some(record) = round.record() else {
+            return Ok(());
+        };
+        let resource = record.resource.clone().unwrap_or_default();
+        match step {
+            Step::WaitForHolder => {
+                if record.phase == Phase::Launching {
+                    let detail = format!("another daemon ({}) is launching it", record.holder);
+                    self.emit("waiting_for_launch", Some(record), Some(detail));
+                } else {
+                    self.emit("waiting_for_termination", Some(record), None);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(())
+            }
+            Step::Forget => {
+                if occasion == Occasion::Reconcile {
+                    info!(resource = %resource, "the registry's bastion is gone; forgetting it");
+                } else if record.phase == Phase::WaitingOnline {
+                    warn!(resource = %resource, "the bastion stopped while booting");
+                } else {
+                    warn!(resource = %resource, "the bastion is gone; forgetting it");
+                }
+                self.forget(ctx, record, "gone").await
+            }
+            Step::Terminate(reason) => {
+                if reason == Reason::Stopped && matches!(occasion, Occasion::Use { .. }) {
+                    warn!(resource = %resource, "the bastion was stopped; terminating it");
+                }
+                self.terminate_record(ctx, record.clone(), &reason.to_string())
+                    .await
+            }
+            Step::FinishTermination => self.finish_terminate(ctx, record.clone()).await,
+            Step::MarkReady { target } => {
+                let mut next = record.clone();
+                next.version += 1;
+                next.phase = Phase::Ready;
+                next.target = Some(target.clone());
+                next.last_used_ms = now_ms();
+                match ctx.registry.put(&next, Some(record.version)).await {
+                    Ok(()) => {
+                        info!(resource = %resource, target = %target, "bastion online");
+                        self.mem().verified_at = Some(Instant::now());
+                        Ok(())
+                    }
+                    Err(RegistryError::Conflict(_)) => Ok(()),
+                    Err(e) => Err(registry_error(e)),
+                }
+            }
+            Step::AwaitOnline { renew_lease } => {
+                if renew_lease {
+                    let mut next = record.clone();
+                    next.version += 1;
+                    next.lease_until_ms = now_ms() + ms(LEASE);
+                    let _ = ctx.registry.put(&next, Some(record.version)).await;
+                }
+                self.emit("waiting_online", Some(record), Some(resource));
+                tokio::time::sleep(POLL_EVERY).await;
+                Ok(())
+            }
+            Step::AdoptLaunch { resource } => {
+                let mut next = record.clone();
+                next.version += 1;
+                next.phase = Phase::WaitingOnline;
+                next.resource = Some(resource.clone());
+                next.holder = self.host.daemon_id.clone();
+                next.lease_until_ms = now_ms() + ms(LEASE);
+                info!(resource = %resource, "adopting the bastion of an interrupted launch");
+                match ctx.registry.put(&next, Some(record.version)).await {
+                    Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
+                    Err(e) => Err(registry_error(e)),
+                }
+            }
+            Step::AwaitLaunch => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(())
+            }
+            Step::ForgetLaunch => {
+                info!(launch_id = %record.launch_id, "an interrupted launch left nothing; forgetting it");
+                match ctx.registry.delete(&record.key, record.version).await {
+                    Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
+                    Err(e) => Err(registry_error(e)),
+                }
+            }
+            _ => Ok(()),
+        }
     }
 
     fn timeout_error(&self, ctx: &Ctx, record: Option<&Record>) -> ApiError {
@@ -370,77 +593,17 @@ impl Bastions {
         }
     }
 
-    /// A ready record: checks now and then that the resource still runs; returns the
-    /// target, or `None` to look again.
-    async fn use_ready(&self, ctx: &Ctx, record: Record) -> Result<Option<String>, ApiError> {
-        if now_ms() >= record.expires_ms {
-            self.terminate_record(ctx, record, "max lifetime reached")
-                .await?;
-            return Ok(None);
-        }
-        let stale = self
-            .mem()
-            .verified_at
-            .is_none_or(|t| t.elapsed() >= VERIFY_EVERY);
-        if stale {
-            let resource = record.resource.clone().unwrap_or_default();
-            match ctx.cloud.state(&resource).await {
-                Ok(ResourceState::Gone) => {
-                    warn!(resource = %resource, "the bastion is gone; forgetting it");
-                    self.forget(ctx, &record, "gone").await?;
-                    return Ok(None);
-                }
-                Ok(ResourceState::Stopped) => {
-                    warn!(resource = %resource, "the bastion was stopped; terminating it");
-                    self.terminate_record(ctx, record, "stopped").await?;
-                    return Ok(None);
-                }
-                Ok(_) => self.mem().verified_at = Some(Instant::now()),
-                Err(e) => warn!(error = %e, "cannot check the bastion; using it anyway"),
-            }
-        }
-        let mut record = record;
-        let fresh = now_ms() < record.last_used_ms + ms(self.touch_every());
-        if record.phase == Phase::Idle || !fresh {
-            // A new use: recorded before the target is handed out, so that an idle
-            // decision taken meanwhile (here or by another daemon) sees the new version.
-            let mut next = record.clone();
-            next.phase = Phase::Ready;
-            next.last_used_ms = now_ms();
-            next.version += 1;
-            match ctx.registry.put(&next, Some(record.version)).await {
-                Ok(()) => record = next,
-                Err(RegistryError::Conflict(_)) => return Ok(None),
-                Err(e) => return Err(registry_error(e)),
-            }
-        }
-        let target = record.target.clone().or(record.resource.clone());
-        self.emit("ready", Some(&record), target.clone());
-        self.remember(Some(record));
-        Ok(target)
-    }
-
-    /// Reuse before create: a live bastion of this scope in this registry without a record
-    /// (a crash lost it) is adopted.
-    async fn adopt_live(&self, ctx: &Ctx) -> Result<bool, ApiError> {
-        let mut found = ctx
-            .cloud
-            .find(&Self::scope_tags(ctx))
-            .await
-            .map_err(|e| self.cloud_error("finding a running bastion", e))?;
-        found.retain(|r| matches!(r.state, ResourceState::Running(_) | ResourceState::Pending));
-        found.sort_by_key(|r| std::cmp::Reverse(r.launched_ms));
-        let Some(r) = found.into_iter().next() else {
-            return Ok(false);
-        };
-        let adopted = self.adoption_record(ctx, &r);
+    /// Reuse before create: adopts a live bastion of this scope and registry that has no
+    /// record (a crash lost it).
+    async fn reuse(&self, ctx: &Ctx, r: &Resource) -> Result<(), ApiError> {
+        let adopted = self.adoption_record(ctx, r);
         match ctx.registry.put(&adopted, None).await {
             Ok(()) => {
                 info!(resource = %r.id, "reusing a running bastion");
                 self.emit("reusing", Some(&adopted), Some(r.id.clone()));
-                Ok(true)
+                Ok(())
             }
-            Err(RegistryError::Conflict(_)) => Ok(true),
+            Err(RegistryError::Conflict(_)) => Ok(()),
             Err(e) => Err(registry_error(e)),
         }
     }
@@ -528,103 +691,15 @@ impl Bastions {
                 let ambiguous = e.retryable;
                 let err = self.cloud_error("cannot launch a bastion", e);
                 warn!(error = %err.message, "launch failed");
-                if ambiguous {
-                    // A timeout or server error: EC2/ECS may have launched it anyway. The
-                    // `launching` record stays; recovery adopts what appears, or forgets
-                    // the launch once it cannot be invisible any more.
-                } else if let Err(d) = ctx.registry.delete(&record.key, record.version).await {
+                let failed = Round::read(Some(record.clone()));
+                let step = self.decide(Occasion::LaunchFailed { ambiguous }, &failed);
+                if step == Step::ForgetLaunch
+                    && let Err(d) = ctx.registry.delete(&record.key, record.version).await
+                {
                     warn!(error = %d, "cannot remove the failed launch from the registry");
                 }
                 self.emit("failed", Some(&record), Some(err.message.clone()));
                 Err(err)
-            }
-        }
-    }
-
-    /// `waiting_online`: one poll of Session Manager (and of the resource).
-    async fn poll_online(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
-        let resource = record.resource.clone().unwrap_or_default();
-        let online = ctx
-            .cloud
-            .online(&ctx.ssm, &resource)
-            .await
-            .map_err(|e| self.cloud_error("checking whether the bastion is online", e))?;
-        if let Some(target) = online {
-            let mut next = record.clone();
-            next.version += 1;
-            next.phase = Phase::Ready;
-            next.target = Some(target.clone());
-            next.last_used_ms = now_ms();
-            match ctx.registry.put(&next, Some(record.version)).await {
-                Ok(()) => {
-                    info!(resource = %resource, target = %target, "bastion online");
-                    self.mem().verified_at = Some(Instant::now());
-                    Ok(())
-                }
-                Err(RegistryError::Conflict(_)) => Ok(()),
-                Err(e) => Err(registry_error(e)),
-            }
-        } else {
-            match ctx.cloud.state(&resource).await {
-                Ok(ResourceState::Gone) => {
-                    // Terminated while booting (by its own shutdown, a colleague, the
-                    // console): forget it; the caller's loop launches another.
-                    warn!(resource = %resource, "the bastion stopped while booting");
-                    return self.forget(ctx, &record, "gone").await;
-                }
-                Ok(ResourceState::Stopped) => {
-                    return self
-                        .terminate_record(ctx, record, "stopped while booting")
-                        .await;
-                }
-                _ => {}
-            }
-            if self.is_mine(&record) && record.lease_until_ms < now_ms() + ms(LEASE) / 2 {
-                let mut next = record.clone();
-                next.version += 1;
-                next.lease_until_ms = now_ms() + ms(LEASE);
-                let _ = ctx.registry.put(&next, Some(record.version)).await;
-            }
-            self.emit("waiting_online", Some(&record), Some(resource));
-            tokio::time::sleep(POLL_EVERY).await;
-            Ok(())
-        }
-    }
-
-    /// `launching` left by a daemon that died: adopts what it launched, or forgets it.
-    async fn recover_launching(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
-        let mut tags = Self::scope_tags(ctx);
-        tags.insert(TAG_LAUNCH_ID.into(), record.launch_id.clone());
-        let found = ctx
-            .cloud
-            .find(&tags)
-            .await
-            .map_err(|e| self.cloud_error("looking for an interrupted launch", e))?;
-        match found.into_iter().find(|r| r.state != ResourceState::Gone) {
-            Some(r) => {
-                let mut next = record.clone();
-                next.version += 1;
-                next.phase = Phase::WaitingOnline;
-                next.resource = Some(r.id.clone());
-                next.holder = self.host.daemon_id.clone();
-                next.lease_until_ms = now_ms() + ms(LEASE);
-                info!(resource = %r.id, "adopting the bastion of an interrupted launch");
-                match ctx.registry.put(&next, Some(record.version)).await {
-                    Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(registry_error(e)),
-                }
-            }
-            None if now_ms() < record.created_ms + ms(LAUNCH_VISIBILITY) => {
-                // Just launched: DescribeInstances may not show it yet.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                Ok(())
-            }
-            None => {
-                info!(launch_id = %record.launch_id, "an interrupted launch left nothing; forgetting it");
-                match ctx.registry.delete(&record.key, record.version).await {
-                    Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(registry_error(e)),
-                }
             }
         }
     }
@@ -702,8 +777,9 @@ impl Bastions {
 
     /// First half of ending the bastion after [`Decision::Terminate`]: records
     /// `terminating`, unless the record changed since the decision (`expect`: someone used
-    /// it again, or another bastion replaced it). The profile then ends its sessions and
-    /// calls [`Bastions::finish_termination`] with the returned record.
+    /// it again, or another bastion replaced it; [`Occasion::Claim`]). The profile then
+    /// ends its sessions and calls [`Bastions::finish_termination`] with the returned
+    /// record.
     pub async fn claim_termination(
         &self,
         reason: &str,
@@ -711,18 +787,20 @@ impl Bastions {
     ) -> Result<Option<Record>, ApiError> {
         let ctx = self.ctx().await?;
         let _guard = self.ensure.lock().await;
-        let Some(record) = ctx.registry.get(&ctx.key).await.map_err(registry_error)? else {
-            return Ok(None);
-        };
-        let endable = matches!(
-            record.phase,
-            Phase::Ready | Phase::Idle | Phase::WaitingOnline
-        );
-        if record.version != expect || !endable {
-            info!(profile = %self.profile, reason, "the bastion changed before it could be ended; keeping it");
-            return Ok(None);
+        let round = Round::read(ctx.registry.get(&ctx.key).await.map_err(registry_error)?);
+        match (
+            self.decide(Occasion::Claim { expect }, &round),
+            round.record,
+        ) {
+            (Step::ClaimTermination, Entry::Present(record)) => {
+                self.mark_terminating(ctx, *record, reason).await
+            }
+            (Step::RecordChanged, _) => {
+                info!(profile = %self.profile, reason, "the bastion changed before it could be ended; keeping it");
+                Ok(None)
+            }
+            _ => Ok(None),
         }
-        self.mark_terminating(ctx, record, reason).await
     }
 
     /// Ends whatever bastion is recorded now (its profile is going away).
@@ -745,202 +823,141 @@ impl Bastions {
         self.finish_terminate(ctx, record).await
     }
 
-    /// Called about every second by the profile: keeps the record's use time fresh, warns
-    /// before the max lifetime, decides idle and lifetime termination, and sweeps the
+    /// Called about every second by the profile ([`Occasion::Tick`]): keeps the record's
+    /// use time fresh, warns before the max lifetime, decides idle and lifetime
+    /// termination, moves on records that no connection waits for, and sweeps the
     /// registry now and then. `connections` are the profile's open connections;
-    /// `own_sessions` its live session ids (not counted as someone else's use).
+    /// `own_sessions` its live session ids (not counted as someone else's use);
+    /// `last_connection` when a connection last started or ended.
     pub async fn tick(
         &self,
         connections: usize,
         own_sessions: &[String],
         last_connection: Instant,
     ) -> Decision {
-        let Some(ctx) = self.ctx.get() else {
-            // The first reconciliation failed (no network or credentials yet): retry, so
-            // that a bastion left by a previous run is still reaped.
-            let due = self.mem().swept_at.is_none_or(|t| t.elapsed() >= CTX_RETRY);
-            if due {
-                self.mem().swept_at = Some(Instant::now());
-                if let Err(e) = self.reconcile().await {
-                    debug!(profile = %self.profile, error = %e.message, "bastion reconciliation still failing");
-                }
-            }
-            return Decision::Keep;
+        let ctx = self.ctx.get();
+        let occasion = Occasion::Tick {
+            aws: ctx.is_some(),
+            connections,
+            last_connection,
         };
-        let sweep_due = self
-            .mem()
-            .swept_at
-            .is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
-        if sweep_due && connections == 0 {
-            self.mem().swept_at = Some(Instant::now());
-            if let Err(e) = self.reconcile().await {
-                warn!(profile = %self.profile, error = %e.message, "bastion reconciliation failed");
-            }
-        }
-        {
-            // A connection open now, or one that came and went since the last tick (a
-            // `psql -c` of 300 ms), is use.
-            let mut mem = self.mem();
-            let new_activity = mem.seen_activity.is_some_and(|t| last_connection > t);
-            mem.seen_activity = Some(last_connection);
-            if connections > 0 || (new_activity && mem.record.is_some()) {
-                mem.last_local_use = Some(Instant::now());
-            }
-        }
-        let quiet = self
-            .mem()
-            .absent_since
-            .is_some_and(|t| t.elapsed() < ABSENT_RECHECK);
-        if quiet && connections == 0 {
-            return Decision::Keep;
-        }
-        let record = match ctx.registry.get(&ctx.key).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                self.remember(None);
-                self.mem().absent_since = Some(Instant::now());
-                return Decision::Keep;
-            }
-            Err(e) => {
-                warn!(profile = %self.profile, error = %e, "cannot read the bastion registry");
-                return Decision::Keep;
-            }
-        };
-        self.remember(Some(record.clone()));
-        if !matches!(record.phase, Phase::Ready | Phase::Idle) {
-            self.advance_unattended(ctx, record).await;
-            return Decision::Keep;
-        }
-        let now = now_ms();
-        if now >= record.expires_ms {
-            return Decision::Terminate {
-                reason: format!("max lifetime ({}) reached", humanize(self.cfg.max_lifetime)),
-                version: record.version,
-            };
-        }
-        if now + ms(self.cfg.lifetime_warning) >= record.expires_ms {
-            let first = self.mem().warned_launch.as_deref() != Some(record.launch_id.as_str());
-            if first {
-                let message = format!(
-                    "bastion {} of profile {} reaches its max lifetime ({}) in {}; its connections will then be closed",
-                    record.resource.as_deref().unwrap_or("?"),
-                    self.profile,
-                    humanize(self.cfg.max_lifetime),
-                    humanize(Duration::from_millis(record.expires_ms - now)),
-                );
-                warn!(profile = %self.profile, "{message}");
-                self.emit("lifetime_warning", Some(&record), Some(message.clone()));
-                let mut mem = self.mem();
-                mem.warned_launch = Some(record.launch_id.clone());
-                mem.warning = Some(message);
-            }
-        }
-        if connections > 0 {
-            self.touch(ctx, record).await;
-            return Decision::Keep;
-        }
-        let used_here = self.mem().last_local_use.take().is_some();
-        if used_here {
-            // The last connection through this daemon just ended: the idle clock starts.
-            let mut next = record.clone();
-            next.version += 1;
-            next.phase = Phase::Idle;
-            next.last_used_ms = now;
-            if ctx.registry.put(&next, Some(record.version)).await.is_ok() {
-                self.emit("idle", Some(&next), None);
-            }
-            return Decision::Keep;
-        }
-        let idle_since = record.last_used_ms;
-        if now < idle_since + ms(self.cfg.idle_timeout) {
-            return Decision::Keep;
-        }
-        let due = self
-            .mem()
-            .sessions_checked_at
-            .is_none_or(|t| t.elapsed() >= SESSIONS_CHECK_EVERY.min(self.cfg.idle_timeout));
-        if !due {
-            return Decision::Keep;
-        }
-        self.mem().sessions_checked_at = Some(Instant::now());
-        let target = record
-            .target
-            .clone()
-            .or(record.resource.clone())
-            .unwrap_or_default();
-        match ctx.ssm.active_sessions(&target).await {
-            Ok(active) => {
-                let others: Vec<&String> = active
-                    .iter()
-                    .filter(|s| !own_sessions.contains(s))
-                    .collect();
-                if others.is_empty() {
-                    Decision::Terminate {
-                        reason: format!(
-                            "idle for {} (no connection, no Active session)",
-                            humanize(self.cfg.idle_timeout)
-                        ),
-                        version: record.version,
+        let mut round = Round::new();
+        // The lifecycle lock, held from [`Look::Lock`] to the end of the tick.
+        let mut _held = None;
+        loop {
+            let step = self.decide(occasion, &round);
+            let Some(ctx) = ctx else {
+                if step == Step::RetryReconcile {
+                    self.mem().swept_at = Some(Instant::now());
+                    if let Err(e) = self.reconcile().await {
+                        debug!(profile = %self.profile, error = %e.message, "bastion reconciliation still failing");
                     }
-                } else {
-                    info!(profile = %self.profile, sessions = others.len(), "bastion idle here but used by other sessions; keeping it");
-                    Decision::Keep
+                }
+                return Decision::Keep;
+            };
+            match step {
+                Step::Sweep => {
+                    self.mem().swept_at = Some(Instant::now());
+                    if let Err(e) = self.reconcile().await {
+                        warn!(profile = %self.profile, error = %e.message, "bastion reconciliation failed");
+                    }
+                    round = Round::new();
+                }
+                Step::NoteUse { used } => {
+                    let mut mem = self.mem();
+                    mem.seen_activity = Some(last_connection);
+                    if used {
+                        mem.last_local_use = Some(Instant::now());
+                    }
+                }
+                Step::Look(Look::Record) => match ctx.registry.get(&ctx.key).await {
+                    Ok(record) => {
+                        self.remember(record.clone());
+                        if record.is_none() {
+                            self.mem().absent_since = Some(Instant::now());
+                        }
+                        round = Round::read(record);
+                    }
+                    Err(e) => {
+                        warn!(profile = %self.profile, error = %e, "cannot read the bastion registry");
+                        return Decision::Keep;
+                    }
+                },
+                Step::Look(Look::Lock) => match self.ensure.try_lock() {
+                    Ok(guard) => {
+                        _held = Some(guard);
+                        round.facts.lock = Some(true);
+                    }
+                    Err(_) => round.facts.lock = Some(false),
+                },
+                Step::Look(look) => {
+                    if let Err(e) = self
+                        .look(ctx, occasion, look, own_sessions, &mut round)
+                        .await
+                    {
+                        warn!(profile = %self.profile, error = %e.message, "bastion lifecycle step failed");
+                        return Decision::Keep;
+                    }
+                }
+                Step::WarnLifetime { left } => {
+                    let Some(record) = round.record() else {
+                        return Decision::Keep;
+                    };
+                    let message = format!(
+                        "bastion {} of profile {} reaches its max lifetime ({}) in {}; its connections will then be closed",
+                        record.resource.as_deref().unwrap_or("?"),
+                        self.profile,
+                        humanize(self.cfg.max_lifetime),
+                        humanize(left),
+                    );
+                    warn!(profile = %self.profile, "{message}");
+                    self.emit("lifetime_warning", Some(record), Some(message.clone()));
+                    let mut mem = self.mem();
+                    mem.warned_launch = Some(record.launch_id.clone());
+                    mem.warning = Some(message);
+                }
+                Step::Touch => {
+                    if let Some(record) = round.record() {
+                        self.touch(ctx, record).await;
+                    }
+                    return Decision::Keep;
+                }
+                Step::MarkIdle => {
+                    self.mem().last_local_use = None;
+                    if let Some(record) = round.record() {
+                        let mut next = record.clone();
+                        next.version += 1;
+                        next.phase = Phase::Idle;
+                        next.last_used_ms = round.now.ms;
+                        if ctx.registry.put(&next, Some(record.version)).await.is_ok() {
+                            self.emit("idle", Some(&next), None);
+                        }
+                    }
+                    return Decision::Keep;
+                }
+                Step::EndSessionsThenTerminate { reason, version } => {
+                    return Decision::Terminate {
+                        reason: reason.to_string(),
+                        version,
+                    };
+                }
+                Step::KeepForOthers { sessions } => {
+                    info!(profile = %self.profile, sessions, "bastion idle here but used by other sessions; keeping it");
+                    return Decision::Keep;
+                }
+                Step::Nothing => return Decision::Keep,
+                step => {
+                    if let Err(e) = self.act(ctx, occasion, &round, step).await {
+                        warn!(profile = %self.profile, error = %e.message, "bastion lifecycle step failed");
+                    }
+                    return Decision::Keep;
                 }
             }
-            Err(e) => {
-                let message = format!(
-                    "cannot tell whether the bastion is in use (ssm:DescribeSessions: {e}); \
-                     keeping it until max lifetime"
-                );
-                warn!(profile = %self.profile, "{message}");
-                self.mem().last_error = Some(message);
-                Decision::Keep
-            }
         }
     }
 
-    /// Moves a record in a transient phase on when no connection is waiting for it (a
-    /// restarted daemon, a launch whose client went away): a booting bastion is polled
-    /// (and terminated if it never comes online), an interrupted launch or termination
-    /// of ours, or of a daemon whose lease ran out, is finished.
-    async fn advance_unattended(&self, ctx: &Ctx, record: Record) {
-        let Ok(_guard) = self.ensure.try_lock() else {
-            return;
-        };
-        let result = match record.phase {
-            Phase::WaitingOnline
-                if self.may_take_over(&record)
-                    && now_ms() >= record.created_ms + ms(self.cfg.ready_timeout) + ms(LEASE) =>
-            {
-                self.terminate_record(ctx, record, "never came online with Session Manager")
-                    .await
-            }
-            Phase::WaitingOnline => self.poll_online(ctx, record).await,
-            Phase::Launching if self.may_take_over(&record) => {
-                self.recover_launching(ctx, record).await
-            }
-            Phase::Terminating if self.may_take_over(&record) => {
-                self.finish_terminate(ctx, record).await
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = result {
-            warn!(profile = %self.profile, error = %e.message, "bastion lifecycle step failed");
-        }
-    }
-
-    /// How often use is written to the record while connections use the bastion.
-    fn touch_every(&self) -> Duration {
-        (self.cfg.idle_timeout / 3).min(Duration::from_secs(30))
-    }
-
-    /// Refreshes `last_used` (and `ready`) while connections use the bastion.
-    async fn touch(&self, ctx: &Ctx, record: Record) {
-        let every = self.touch_every();
-        let due = self.mem().touched_at.is_none_or(|t| t.elapsed() >= every);
-        if !due && record.phase == Phase::Ready {
-            return;
-        }
+    /// Writes use (`ready`, `last_used_ms` = now) while connections use the bastion.
+    async fn touch(&self, ctx: &Ctx, record: &Record) {
         let mut next = record.clone();
         next.version += 1;
         next.phase = Phase::Ready;
@@ -950,11 +967,13 @@ impl Bastions {
         }
     }
 
-    /// Reconciles the registry with EC2/ECS: finishes what a killed daemon left half done
-    /// (an interrupted launch is adopted or forgotten, an interrupted termination
-    /// completed), forgets bastions that are gone, ends expired ones, and terminates live
-    /// bastions of this profile and registry that no record owns, unless a Session
-    /// Manager session uses them (then they are adopted).
+    /// Reconciles the registry with EC2/ECS ([`Occasion::Reconcile`], then
+    /// [`Occasion::Stray`] for each live resource, then the [`Occasion::Backstop`]):
+    /// finishes what a killed daemon left half done (an interrupted launch is adopted or
+    /// forgotten, an interrupted termination completed), forgets bastions that are gone,
+    /// ends expired ones, and terminates live bastions of this profile and registry that
+    /// no record owns, unless a Session Manager session uses them (then they are adopted).
+    /// Any failed call but DescribeSessions fails the reconciliation (it is retried).
     pub async fn reconcile(&self) -> Result<(), ApiError> {
         let ctx = self.ctx().await?;
         let Ok(_guard) = self.ensure.try_lock() else {
@@ -967,88 +986,59 @@ impl Bastions {
             .find(&Self::scope_tags(ctx))
             .await
             .map_err(|e| self.cloud_error("listing bastions", e))?;
-        if let Some(record) = ctx.registry.get(&ctx.key).await.map_err(registry_error)? {
-            match record.phase {
-                Phase::Launching if self.may_take_over(&record) => {
-                    self.recover_launching(ctx, record).await?
+        let mut round = Round::new();
+        loop {
+            match self.decide(Occasion::Reconcile, &round) {
+                Step::Nothing => break,
+                Step::Look(look) => {
+                    self.look(ctx, Occasion::Reconcile, look, &[], &mut round)
+                        .await?
                 }
-                Phase::Terminating if self.may_take_over(&record) => {
-                    self.finish_terminate(ctx, record).await?
+                step => {
+                    self.act(ctx, Occasion::Reconcile, &round, step).await?;
+                    break;
                 }
-                Phase::WaitingOnline | Phase::Ready | Phase::Idle => {
-                    let resource = record.resource.clone().unwrap_or_default();
-                    let state = ctx
-                        .cloud
-                        .state(&resource)
-                        .await
-                        .map_err(|e| self.cloud_error("checking the bastion", e))?;
-                    if state == ResourceState::Gone {
-                        info!(resource = %resource, "the registry's bastion is gone; forgetting it");
-                        self.forget(ctx, &record, "gone").await?;
-                    } else if state == ResourceState::Stopped {
-                        self.terminate_record(ctx, record, "stopped").await?;
-                    } else if now_ms() >= record.expires_ms {
-                        self.terminate_record(ctx, record, "max lifetime reached")
-                            .await?;
-                    }
-                }
-                _ => {}
             }
         }
-        let owned = ctx
-            .registry
-            .get(&ctx.key)
-            .await
-            .map_err(registry_error)?
-            .map(|r| r.launch_id);
-        for r in live {
-            if r.tags.get(TAG_LAUNCH_ID) == owned.as_ref() && owned.is_some() {
-                continue;
-            }
-            let target = match &r.state {
-                ResourceState::Running(t) => t.clone(),
-                _ => None,
+        let record = Entry::from(ctx.registry.get(&ctx.key).await.map_err(registry_error)?);
+        for r in &live {
+            let occasion = Occasion::Stray(r);
+            let mut round = Round {
+                record: record.clone(),
+                ..Round::new()
             };
-            let used = match &target {
-                Some(t) => ctx
-                    .ssm
-                    .active_sessions(t)
-                    .await
-                    .map(|s| !s.is_empty())
-                    .unwrap_or(true),
-                None => false,
-            };
-            if used && owned.is_none() {
-                info!(resource = %r.id, "adopting a bastion in use that no record owned");
-                let mut adopted = self.adoption_record(ctx, &r);
-                adopted.phase = Phase::Ready;
-                adopted.target = target;
-                if let Err(e) = ctx.registry.put(&adopted, None).await {
-                    warn!(error = %e, "cannot record the adopted bastion");
-                }
-            } else if used {
-                warn!(resource = %r.id, "a second bastion of this profile is in use; leaving it until its sessions end");
-            } else {
-                // Another daemon may have adopted it since the record was read.
-                let now_owned = ctx
-                    .registry
-                    .get(&ctx.key)
-                    .await
-                    .map_err(registry_error)?
-                    .is_some_and(|rec| Some(&rec.launch_id) == r.tags.get(TAG_LAUNCH_ID));
-                if now_owned {
-                    continue;
-                }
-                info!(resource = %r.id, "terminating a bastion that no registry record owns");
-                if let Err(e) = ctx.cloud.terminate(&r.id, "bastion: orphan").await {
-                    warn!(resource = %r.id, error = %e, "cannot terminate an orphaned bastion");
-                } else {
-                    let _ = self.events.send(Progress {
-                        phase: "orphan_terminated".into(),
-                        elapsed_secs: 0.0,
-                        detail: Some(r.id.clone()),
-                        resource: Some(r.id.clone()),
-                    });
+            loop {
+                match self.decide(occasion, &round) {
+                    Step::Look(look) => self.look(ctx, occasion, look, &[], &mut round).await?,
+                    Step::AdoptStray { target } => {
+                        info!(resource = %r.id, "adopting a bastion in use that no record owned");
+                        let mut adopted = self.adoption_record(ctx, r);
+                        adopted.phase = Phase::Ready;
+                        adopted.target = target;
+                        if let Err(e) = ctx.registry.put(&adopted, None).await {
+                            warn!(error = %e, "cannot record the adopted bastion");
+                        }
+                        break;
+                    }
+                    Step::LeaveStray => {
+                        warn!(resource = %r.id, "a second bastion of this profile is in use; leaving it until its sessions end");
+                        break;
+                    }
+                    Step::TerminateStray => {
+                        info!(resource = %r.id, "terminating a bastion that no registry record owns");
+                        if let Err(e) = ctx.cloud.terminate(&r.id, "bastion: orphan").await {
+                            warn!(resource = %r.id, error = %e, "cannot terminate an orphaned bastion");
+                        } else {
+                            let _ = self.events.send(Progress {
+                                phase: "orphan_terminated".into(),
+                                elapsed_secs: 0.0,
+                                detail: Some(r.id.clone()),
+                                resource: Some(r.id.clone()),
+                            });
+                        }
+                        break;
+                    }
+                    _ => break,
                 }
             }
         }
@@ -1057,10 +1047,8 @@ impl Bastions {
         Ok(())
     }
 
-    /// A backstop for every bastion of this profile, whoever launched it and whichever
-    /// registry tracks it: past its `bastion:expires` tag by [`EXPIRED_GRACE`], it is
-    /// ended (max lifetime applies even in use; an EC2 instance normally shut itself down
-    /// long before, a Fargate task cannot).
+    /// The backstop for every bastion of this profile, whoever launched it and whichever
+    /// registry tracks it ([`Occasion::Backstop`]).
     async fn end_long_expired(&self, ctx: &Ctx) {
         let tags = BTreeMap::from([
             ("bastion:managed-by".to_owned(), "bastion".to_owned()),
@@ -1073,21 +1061,9 @@ impl Bastions {
                 return;
             }
         };
-        let limit = now_ms().saturating_sub(ms(EXPIRED_GRACE));
+        let round = Round::new();
         for r in found {
-            let expired = r
-                .tags
-                .get("bastion:expires")
-                .and_then(|t| {
-                    aws_smithy_types::DateTime::from_str(
-                        t,
-                        aws_smithy_types::date_time::Format::DateTime,
-                    )
-                    .ok()
-                })
-                .and_then(|t| u64::try_from(t.to_millis().ok()?).ok())
-                .is_some_and(|t| t < limit);
-            if !expired {
+            if self.decide(Occasion::Backstop(&r), &round) != Step::EndExpired {
                 continue;
             }
             info!(resource = %r.id, "ending a bastion long past its max lifetime");
@@ -1184,18 +1160,6 @@ pub fn stable_owner(arn: &str) -> String {
     }
 }
 
-/// `90s`, `5m`, `8h`, `1h30m`.
-pub fn humanize(d: Duration) -> String {
-    let s = d.as_secs();
-    match (s / 3600, s % 3600 / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, 0) => format!("{m}m"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, 0, 0) => format!("{h}h"),
-        (h, m, _) => format!("{h}h{m}m"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1220,8 +1184,5 @@ mod tests {
         ] {
             assert_eq!(stable_owner(kept), kept);
         }
-        assert_eq!(humanize(Duration::from_secs(90)), "1m30s");
-        assert_eq!(humanize(Duration::from_secs(8 * 3600)), "8h");
-        assert_eq!(humanize(Duration::from_secs(5400)), "1h30m");
     }
 }

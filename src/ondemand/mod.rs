@@ -1,7 +1,9 @@
 //! On-demand bastions: EC2 instances and Fargate tasks that exist only while used.
 //!
+//! * [`lifecycle`]: every lifecycle decision, as one pure function ([`lifecycle::decide`]).
 //! * [`manager`]: the lifecycle of one profile's bastion (launch, wait for Session
-//!   Manager, reuse, idle and lifetime termination, reconciliation after a crash).
+//!   Manager, reuse, idle and lifetime termination, reconciliation after a crash): it
+//!   gathers the decisions' inputs and executes their steps.
 //! * [`cloud`]: the EC2 and ECS calls behind it.
 //! * [`registry`]: where each bastion's record lives (a local file or a DynamoDB table).
 //! * [`userdata`]: the EC2 user-data templates.
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub mod cloud;
+pub mod lifecycle;
 pub mod manager;
 pub mod registry;
 pub mod userdata;
