@@ -925,3 +925,60 @@ async fn a_credential_rotation_between_resumes_signs_the_next_upgrade_with_the_n
     assert_no_violations(&sim);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 12 items 7 and 8: a websocket whose path goes silent (the simulator stops
+/// reading and writing it: no frame, no pong) while a query waits is probed after 5 s
+/// of quiet and resumed when the probe goes unanswered 5 s later; the client drops the
+/// dead websocket without a Close frame, as both references do, and the query's bytes
+/// arrive once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_websocket_is_probed_and_resumed_without_a_close_frame() {
+    let sim = sim(SimConfig::default()).await;
+    let echo = echo_server().await;
+    let local = free_port();
+    let d = DaemonProcess::start(
+        &profile("silent", echo, local, "max_sessions = 1\n"),
+        &sim.endpoint_url(),
+    );
+    wait_listening(local, &d).await;
+    echo_round_trip(local, b"warm").await;
+    let id = sim.sessions()[0].session_id.clone();
+
+    sim.update_faults(|f| f.freeze_websockets = true).unwrap();
+    let frozen_at = Instant::now();
+    let query = tokio::spawn(async move { echo_round_trip(local, &pattern(4096, 9)).await });
+    // Wait for the resume's new websocket, then let the path live again.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while sim.session(&id).unwrap().counters.connections < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no resume within 40 s; log:\n{}",
+            tail(&d.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resumed_after = frozen_at.elapsed();
+    sim.update_faults(|f| f.freeze_websockets = false).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), query)
+        .await
+        .expect("the query completes after the resume")
+        .unwrap();
+    eprintln!("resumed {resumed_after:?} after the path went silent");
+
+    let s = status(&d, "silent");
+    assert_eq!(s["resumes"].as_u64(), Some(1), "{s}");
+    assert!(
+        d.log_text()
+            .contains("no answer to a ping on the websocket"),
+        "resumed because the probe went unanswered; log:\n{}",
+        tail(&d.log_text())
+    );
+    // Give the simulator's look at the old websocket time to finish.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sim.session(&id).unwrap().counters.close_frames_from_client,
+        0,
+        "the client sent a websocket Close frame"
+    );
+    assert_no_violations(&sim);
+}

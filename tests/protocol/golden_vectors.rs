@@ -24,7 +24,8 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-const VECTORS: &str = include_str!("../../crates/bastion-proto/tests/golden/ssm-golden-vectors.json");
+const VECTORS: &str =
+    include_str!("../../crates/bastion-proto/tests/golden/ssm-golden-vectors.json");
 
 /// The top-level keys this file checks, one test each.
 const SECTIONS: &[&str] = &[

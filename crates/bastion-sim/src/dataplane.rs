@@ -299,6 +299,9 @@ enum End {
     Gone,
     /// Drop it without a close frame.
     Abrupt,
+    /// A newer websocket of the session replaced it (a resume): drop it without a
+    /// close frame, after looking at what the client sent last.
+    Superseded,
     /// Close it with this code.
     Close(u16, &'static str),
 }
@@ -340,11 +343,16 @@ async fn connection(shared: Arc<Shared>, session: Arc<SimSession>, mut socket: W
     let end = {
         let reader = async {
             loop {
+                frozen(&shared).await;
                 let frame = match stream.next().await {
                     Some(Ok(Message::Binary(b))) => b,
                     Some(Ok(Message::Text(t))) => Bytes::from(t),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return End::Gone,
+                    Some(Ok(Message::Close(_))) => {
+                        session.report.count(|c| c.close_frames_from_client += 1);
+                        return End::Gone;
+                    }
+                    Some(Err(_)) | None => return End::Gone,
                 };
                 let n = frame.len();
                 if to_agent.send(ToAgent::Client(frame)).await.is_err() {
@@ -359,7 +367,9 @@ async fn connection(shared: Arc<Shared>, session: Arc<SimSession>, mut socket: W
         };
         let writer = async {
             loop {
-                match rx.recv().await {
+                let command = rx.recv().await;
+                frozen(&shared).await;
+                match command {
                     Some(WsCommand::Frame(b)) => {
                         let n = b.len();
                         if sink.send(Message::Binary(b)).await.is_err() {
@@ -379,7 +389,7 @@ async fn connection(shared: Arc<Shared>, session: Arc<SimSession>, mut socket: W
             tokio::select! {
                 e = &mut reader => break e,
                 e = &mut writer => break e,
-                _ = kill.notified() => break End::Abrupt,
+                _ = kill.notified() => break End::Superseded,
                 _ = sleep_until(recycle_at.unwrap_or_else(far_future)), if recycle_at.is_some() => {
                     break End::Close(CLOSE_NORMAL, "websocket recycled");
                 }
@@ -398,6 +408,7 @@ async fn connection(shared: Arc<Shared>, session: Arc<SimSession>, mut socket: W
     let how = match end {
         End::Gone => "client closed",
         End::Abrupt => "dropped",
+        End::Superseded => "superseded",
         End::Close(code, reason) => {
             let frame = CloseFrame {
                 code,
@@ -415,8 +426,28 @@ async fn connection(shared: Arc<Shared>, session: Arc<SimSession>, mut socket: W
             reason
         }
     };
+    if matches!(end, End::Superseded) {
+        // What the client sent last on the websocket it left: a Close frame here is
+        // one the references never send when they reconnect.
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while let Some(Ok(m)) = stream.next().await {
+                if matches!(m, Message::Close(_)) {
+                    session.report.count(|c| c.close_frames_from_client += 1);
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     drop((sink, stream));
     tracing::info!(session_id = %session.id, conn_id, how, "data channel detached");
+}
+
+/// Waits while the `freeze_websockets` knob is set (a dead path).
+async fn frozen(shared: &Shared) {
+    while shared.faults().freeze_websockets {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Counts a cut if the session may still be cut (`max_cuts`).

@@ -102,6 +102,11 @@ pub struct Faults {
     /// Delay before the agent sends its HandshakeRequest (overrides the simulator's
     /// agent default for sessions whose agent starts while it is set).
     pub handshake_delay_ms: Option<u64>,
+    /// A dead path: while set, the data plane neither reads from nor writes to the
+    /// websockets attached to sessions (no frame, no pong goes back; what the client
+    /// sends waits unread). A new websocket's OpenDataChannel is still read, so a
+    /// client that resumes gets through once the knob is cleared.
+    pub freeze_websockets: bool,
 }
 
 impl Faults {

@@ -43,6 +43,10 @@ pub struct Counters {
     pub upgrades_refused: u64,
     /// Websocket upgrades that carried no signature at all (accepted or not).
     pub unsigned_upgrades: u64,
+    /// Websocket Close frames the client sent. Neither reference sends one when it
+    /// reconnects (it drops the TCP connection), so a client that does may read as
+    /// "client left".
+    pub close_frames_from_client: u64,
 }
 
 /// The kind of a protocol violation by the client.
