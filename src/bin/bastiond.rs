@@ -326,9 +326,9 @@ fn socket_path(explicit: Option<PathBuf>) -> PathBuf {
     explicit
         .or_else(|| {
             std::env::var_os("RUNTIME_DIRECTORY")
-                .map(|d| PathBuf::from(d).join(control::SOCKET_FILE_NAME))
+                .map(|d| PathBuf::from(d).join(bastion::api::SOCKET_FILE_NAME))
         })
-        .unwrap_or_else(control::default_socket_path)
+        .unwrap_or_else(bastion::api::default_socket_path)
 }
 
 /// Resolves on SIGTERM or SIGINT; calls `on_hup` on every SIGHUP.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tracing::info;
 
-use crate::api::{ApiError, ProfileStatus, Progress, ReloadResult};
+use crate::api::{ApiError, ErrorCode, ProfileStatus, Progress, ReloadResult};
 use crate::aws::ssm::{AwsTarget, SsmApi, load_config};
 use crate::config::{Config, Profile};
 use crate::ondemand::Host;
@@ -31,7 +31,7 @@ pub struct Daemon {
 
 fn unknown(name: &str) -> ApiError {
     ApiError {
-        code: "unknown_profile".into(),
+        code: ErrorCode::UnknownProfile,
         message: format!("no profile named {name:?}; `bastionctl list` shows the configured ones"),
     }
 }
@@ -127,7 +127,7 @@ impl Daemon {
         name: &str,
     ) -> Result<tokio::sync::broadcast::Receiver<Progress>, ApiError> {
         self.get(name)?.bastion_events().ok_or_else(|| ApiError {
-            code: "no_bastion".into(),
+            code: ErrorCode::NoBastion,
             message: format!("profile {name:?} has no on-demand bastion (no bastion section)"),
         })
     }
@@ -177,7 +177,7 @@ impl Daemon {
     pub async fn reload(&self) -> Result<ReloadResult, ApiError> {
         let _guard = self.reload_lock.lock().await;
         let config = Config::load(&self.config_path).map_err(|e| ApiError {
-            code: "bad_config".into(),
+            code: ErrorCode::BadConfig,
             message: format!("configuration not reloaded:\n{e}"),
         })?;
         let mut result = ReloadResult::default();

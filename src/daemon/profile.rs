@@ -14,7 +14,7 @@ use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::api::{ApiError, ProfileState, ProfileStatus, Progress};
+use crate::api::{ApiError, ErrorCode, ProfileState, ProfileStatus, Progress};
 use crate::aws::ssm::{AwsError, SsmApi, StartRequest};
 use crate::config::{DOC_REMOTE_HOST, Listen, Profile, Target};
 use crate::ondemand::Host;
@@ -109,9 +109,9 @@ struct TagResolution {
     instance: Option<String>,
 }
 
-fn user_error(code: &str, message: impl Into<String>) -> ApiError {
+fn user_error(code: ErrorCode, message: impl Into<String>) -> ApiError {
     ApiError {
-        code: code.to_owned(),
+        code,
         message: message.into(),
     }
 }
@@ -310,9 +310,9 @@ impl ProfileRuntime {
                             JoinHandle::abort(h);
                         }
                         let code = if e.kind() == std::io::ErrorKind::AddrInUse {
-                            "port_in_use"
+                            ErrorCode::PortInUse
                         } else {
-                            "listen_failed"
+                            ErrorCode::ListenFailed
                         };
                         user_error(
                             code,
@@ -347,7 +347,7 @@ impl ProfileRuntime {
             Listen::Unix(path) => {
                 let listener = bind_unix(path).map_err(|e| {
                     user_error(
-                        "listen_failed",
+                        ErrorCode::ListenFailed,
                         format!(
                             "profile {}: cannot listen on {}: {e}",
                             self.profile.name,
@@ -452,7 +452,7 @@ impl ProfileRuntime {
                     .tunnel
                     .open_stream()
                     .await
-                    .map_err(|e| user_error("session_failed", e.to_string()))?
+                    .map_err(|e| user_error(ErrorCode::SessionFailed, e.to_string()))?
             }
         };
         Ok((claim, stream))
@@ -470,9 +470,9 @@ impl ProfileRuntime {
             return Ok(c);
         }
         match self.add_session().await {
-            Ok(()) => self
-                .claim_existing(true)
-                .ok_or_else(|| user_error("session_failed", "the new session ended at once")),
+            Ok(()) => self.claim_existing(true).ok_or_else(|| {
+                user_error(ErrorCode::SessionFailed, "the new session ended at once")
+            }),
             Err(e) => match self.claim_existing(true) {
                 Some(c) => {
                     warn!(error = %e.message, "could not add a session to the pool; sharing a busy one");
@@ -537,7 +537,7 @@ impl ProfileRuntime {
             .live
             .last()
             .map(|l| l.tunnel.clone())
-            .ok_or_else(|| user_error("session_failed", "the new session ended at once"))
+            .ok_or_else(|| user_error(ErrorCode::SessionFailed, "the new session ended at once"))
     }
 
     /// Starts one more session for the pool. The caller holds `connecting`.
@@ -591,8 +591,12 @@ impl ProfileRuntime {
             imds: self.profile.imds,
         };
         let config = crate::aws::ssm::load_config(&target).await;
-        let api = crate::aws::ec2::Ec2Api::new(&config)
-            .map_err(|e| user_error("ec2_lookup_failed", describe_ec2_error(&self.profile, &e)))?;
+        let api = crate::aws::ec2::Ec2Api::new(&config).map_err(|e| {
+            user_error(
+                ErrorCode::Ec2LookupFailed,
+                describe_ec2_error(&self.profile, &e),
+            )
+        })?;
         self.tags().ec2 = Some(api.clone());
         Ok(api)
     }
@@ -613,7 +617,7 @@ impl ProfileRuntime {
             Err(e) => {
                 self.tags().instance = None;
                 return Err(user_error(
-                    "ec2_lookup_failed",
+                    ErrorCode::Ec2LookupFailed,
                     describe_ec2_error(&self.profile, &e),
                 ));
             }
@@ -621,7 +625,7 @@ impl ProfileRuntime {
         if found.is_empty() {
             self.tags().instance = None;
             return Err(user_error(
-                "no_matching_instance",
+                ErrorCode::NoMatchingInstance,
                 format!(
                     "no running instance has tags {wanted} in region {} (target_tags matches \
                      instances in state running that carry every listed tag with exactly that value)",
@@ -654,7 +658,7 @@ impl ProfileRuntime {
                 }
                 Err(e) => {
                     return Err(user_error(
-                        "start_session_failed",
+                        ErrorCode::StartSessionFailed,
                         format!(
                             "{} (instance {} chosen by tags {wanted})",
                             describe_aws_error(&self.profile, &e),
@@ -666,7 +670,7 @@ impl ProfileRuntime {
         }
         self.tags().instance = None;
         Err(user_error(
-            "start_session_failed",
+            ErrorCode::StartSessionFailed,
             format!(
                 "no instance with tags {wanted} is connected to Session Manager (tried {}); \
                  is the SSM agent running on them, and can it reach the SSM endpoints?",
@@ -685,7 +689,7 @@ impl ProfileRuntime {
     ) -> Result<crate::transport::ssm::SessionTicket, ApiError> {
         let Some(bastion) = &self.bastion else {
             return Err(user_error(
-                "no_state_dir",
+                ErrorCode::NoStateDir,
                 format!(
                     "profile {} launches its bastion on demand, but the daemon has no state directory \
                      (start bastiond with --state-dir or set XDG_STATE_HOME)",
@@ -709,7 +713,7 @@ impl ProfileRuntime {
                 }
                 Err(e) => {
                     return Err(user_error(
-                        "start_session_failed",
+                        ErrorCode::StartSessionFailed,
                         format!(
                             "{} (bastion {target})",
                             describe_aws_error(&self.profile, &e)
@@ -829,7 +833,7 @@ impl ProfileRuntime {
                 .await
                 .map_err(|e| {
                     user_error(
-                        "start_session_failed",
+                        ErrorCode::StartSessionFailed,
                         describe_aws_error(&self.profile, &e),
                     )
                 })?,
@@ -867,7 +871,7 @@ impl ProfileRuntime {
                     // It would connect to the port on the instance itself, not remote_host.
                     self.end_session(&t).await;
                     return Err(user_error(
-                        "agent_too_old",
+                        ErrorCode::AgentTooOld,
                         format!(
                             "the SSM agent on {} is version {agent}, too old for {DOC_REMOTE_HOST} \
                              (needs {REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION} or newer); update the agent \
@@ -885,7 +889,7 @@ impl ProfileRuntime {
                 {
                     host.drop_session(&session_id);
                 }
-                Err(user_error("session_failed", e.to_string()))
+                Err(user_error(ErrorCode::SessionFailed, e.to_string()))
             }
         }
     }

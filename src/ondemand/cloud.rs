@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+use crate::api::ErrorCode;
+
 use crate::aws::ec2::{Ec2Api, Ec2Error, LaunchSpec, LaunchTemplateRef};
 use crate::aws::ecs::{EcsApi, TaskSpec};
 use crate::aws::ssm::{AwsError, SsmApi};
@@ -18,9 +20,9 @@ const LIVE_EC2_STATES: &[&str] = &["pending", "running", "stopping", "stopped"];
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{message}")]
 pub struct CloudError {
-    /// `missing_permission`, `capacity`, `quota`, `invalid_bastion_config`,
-    /// `credentials`, `throttled` or `aws_error`.
-    pub code: &'static str,
+    /// `MissingPermission`, `Capacity`, `Quota`, `InvalidBastionConfig`,
+    /// `Credentials`, `Throttled` or `AwsError`.
+    pub code: ErrorCode,
     /// A sentence for the user.
     pub message: String,
     /// Whether retrying later may help.
@@ -30,13 +32,13 @@ pub struct CloudError {
 impl From<Ec2Error> for CloudError {
     fn from(e: Ec2Error) -> CloudError {
         let code = match &e {
-            Ec2Error::AccessDenied { .. } => "missing_permission",
-            Ec2Error::Capacity { .. } => "capacity",
-            Ec2Error::Quota { .. } => "quota",
-            Ec2Error::InvalidParameter { .. } => "invalid_bastion_config",
-            Ec2Error::AuthFailure { .. } | Ec2Error::Credentials(_) => "credentials",
-            Ec2Error::Throttled { .. } => "throttled",
-            _ => "aws_error",
+            Ec2Error::AccessDenied { .. } => ErrorCode::MissingPermission,
+            Ec2Error::Capacity { .. } => ErrorCode::Capacity,
+            Ec2Error::Quota { .. } => ErrorCode::Quota,
+            Ec2Error::InvalidParameter { .. } => ErrorCode::InvalidBastionConfig,
+            Ec2Error::AuthFailure { .. } | Ec2Error::Credentials(_) => ErrorCode::Credentials,
+            Ec2Error::Throttled { .. } => ErrorCode::Throttled,
+            _ => ErrorCode::AwsError,
         };
         CloudError {
             code,
@@ -51,30 +53,30 @@ impl CloudError {
     pub fn from_aws(action: &str, e: AwsError) -> CloudError {
         let (code, message) = match &e {
             AwsError::AccessDenied(m) => (
-                "missing_permission",
+                ErrorCode::MissingPermission,
                 format!(
                     "not authorized to perform {action} (the caller needs this IAM permission): {m}"
                 ),
             ),
-            AwsError::Credentials(_) => ("credentials", e.to_string()),
-            AwsError::Throttled(_) => ("throttled", format!("{action}: {e}")),
+            AwsError::Credentials(_) => (ErrorCode::Credentials, e.to_string()),
+            AwsError::Throttled(_) => (ErrorCode::Throttled, format!("{action}: {e}")),
             AwsError::Other { code, .. }
                 if code.contains("Capacity")
                     || code == "PlatformTaskDefinitionIncompatibilityException" =>
             {
-                ("capacity", format!("{action}: {e}"))
+                (ErrorCode::Capacity, format!("{action}: {e}"))
             }
             AwsError::Other { code, .. } if code.contains("Limit") || code.contains("Quota") => {
-                ("quota", format!("{action}: {e}"))
+                (ErrorCode::Quota, format!("{action}: {e}"))
             }
             AwsError::Other { code, .. }
                 if code.contains("InvalidParameter")
                     || code == "ClusterNotFoundException"
                     || code == "ParameterNotFound" =>
             {
-                ("invalid_bastion_config", format!("{action}: {e}"))
+                (ErrorCode::InvalidBastionConfig, format!("{action}: {e}"))
             }
-            _ => ("aws_error", format!("{action}: {e}")),
+            _ => (ErrorCode::AwsError, format!("{action}: {e}")),
         };
         CloudError {
             code,
@@ -170,7 +172,7 @@ impl Cloud {
                     .user_data
                     .render(launch)
                     .map_err(|message| CloudError {
-                        code: "invalid_bastion_config",
+                        code: ErrorCode::InvalidBastionConfig,
                         message,
                         retryable: false,
                     })?;
@@ -343,30 +345,36 @@ mod tests {
     fn provider_errors_get_codes_a_user_can_act_on() {
         let ec2 =
             |code: &str| CloudError::from(Ec2Error::from_code("RunInstances", 400, code, "m"));
-        assert_eq!(ec2("UnauthorizedOperation").code, "missing_permission");
+        assert_eq!(
+            ec2("UnauthorizedOperation").code,
+            ErrorCode::MissingPermission
+        );
         assert!(
             ec2("UnauthorizedOperation")
                 .message
                 .contains("ec2:RunInstances")
         );
-        assert_eq!(ec2("InsufficientInstanceCapacity").code, "capacity");
-        assert_eq!(ec2("VcpuLimitExceeded").code, "quota");
-        assert_eq!(ec2("InstanceLimitExceeded").code, "quota");
+        assert_eq!(
+            ec2("InsufficientInstanceCapacity").code,
+            ErrorCode::Capacity
+        );
+        assert_eq!(ec2("VcpuLimitExceeded").code, ErrorCode::Quota);
+        assert_eq!(ec2("InstanceLimitExceeded").code, ErrorCode::Quota);
         assert_eq!(
             ec2("InvalidSubnetID.NotFound").code,
-            "invalid_bastion_config"
+            ErrorCode::InvalidBastionConfig
         );
-        assert_eq!(ec2("RequestLimitExceeded").code, "throttled");
+        assert_eq!(ec2("RequestLimitExceeded").code, ErrorCode::Throttled);
         assert!(ec2("RequestLimitExceeded").retryable);
         let aws = |e| CloudError::from_aws("ecs:RunTask", e);
         let denied = aws(AwsError::AccessDenied("no".into()));
-        assert_eq!(denied.code, "missing_permission");
+        assert_eq!(denied.code, ErrorCode::MissingPermission);
         assert!(denied.message.contains("ecs:RunTask"), "{}", denied.message);
         let missing = aws(AwsError::Other {
             code: "ClusterNotFoundException".into(),
             message: "Cluster not found.".into(),
         });
-        assert_eq!(missing.code, "invalid_bastion_config");
+        assert_eq!(missing.code, ErrorCode::InvalidBastionConfig);
         assert_eq!(
             cluster_name("arn:aws:ecs:eu-west-1:1:cluster/bastions"),
             "bastions"

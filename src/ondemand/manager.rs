@@ -23,7 +23,7 @@ use super::registry::{
     DynamoRegistry, FileRegistry, Phase, ProviderKind, Record, Registry, RegistryError, record_key,
 };
 use super::userdata::LaunchValues;
-use crate::api::{ApiError, BastionStatus, Progress};
+use crate::api::{ApiError, BastionStatus, ErrorCode, Progress};
 use crate::aws::ssm::{AwsTarget, SsmApi};
 use crate::config::bastion::{OnDemand, Provider, RegistryLocation};
 
@@ -130,15 +130,15 @@ pub struct Bastions {
     ensure: AsyncMutex<()>,
 }
 
-fn api_error(code: &str, message: impl Into<String>) -> ApiError {
+fn api_error(code: ErrorCode, message: impl Into<String>) -> ApiError {
     ApiError {
-        code: code.to_owned(),
+        code,
         message: message.into(),
     }
 }
 
 fn registry_error(e: RegistryError) -> ApiError {
-    api_error("registry_failed", e.to_string())
+    api_error(ErrorCode::RegistryFailed, e.to_string())
 }
 
 impl Bastions {
@@ -199,7 +199,7 @@ impl Bastions {
             .await
             .map_err(|e| {
                 api_error(
-                    "credentials",
+                    ErrorCode::Credentials,
                     format!(
                         "cannot tell who is launching the bastion (sts:GetCallerIdentity): {e}"
                     ),
@@ -208,7 +208,7 @@ impl Bastions {
         let cloud = match &self.cfg.provider {
             Provider::Ec2(spec) => Cloud::Ec2 {
                 ec2: crate::aws::ec2::Ec2Api::new(config)
-                    .map_err(|e| api_error("aws_error", e.to_string()))?,
+                    .map_err(|e| api_error(ErrorCode::AwsError, e.to_string()))?,
                 spec: Box::new(spec.clone()),
             },
             Provider::Fargate(spec) => Cloud::Fargate {
@@ -345,7 +345,7 @@ impl Bastions {
                         .to_owned(),
                 };
                 api_error(
-                    "bastion_not_online",
+                    ErrorCode::BastionNotOnline,
                     format!(
                         "bastion {resource} of profile {} did not come online with Session Manager \
                          within {waited} s; {hint}",
@@ -354,7 +354,7 @@ impl Bastions {
                 )
             }
             Some(r) => api_error(
-                "bastion_timeout",
+                ErrorCode::BastionTimeout,
                 format!(
                     "bastion of profile {} still {} after {waited} s (registry {}, holder {})",
                     self.profile,
@@ -364,7 +364,7 @@ impl Bastions {
                 ),
             ),
             None => api_error(
-                "bastion_timeout",
+                ErrorCode::BastionTimeout,
                 format!("no bastion for profile {} after {waited} s", self.profile),
             ),
         }
