@@ -348,7 +348,7 @@ async fn serve_signals(daemon: Arc<Daemon>) {
             _ = hup.recv() => {
                 match daemon.reload().await {
                     Ok(r) => tracing::info!(?r, "reloaded on SIGHUP"),
-                    Err(e) => tracing::error!(error = %e.message, "reload on SIGHUP failed"),
+                    Err(e) => tracing::error!(error = %e, "reload on SIGHUP failed"),
                 }
             }
         }

@@ -44,11 +44,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::Daemon;
+use super::profile::ProfileError;
+use super::{Daemon, DaemonError};
 use crate::api::{
     ApiError, ErrorCode, Health, MAX_REQUEST_BYTES, NDJSON_CONTENT_TYPE, OpenEvent, OpenRequest,
     ProfileStatus, ReloadResult, current_uid,
 };
+use crate::ondemand::cloud::CloudErrorKind;
+use crate::ondemand::manager::BastionError;
 
 /// How long [`serve`] waits for requests in flight after the shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -464,9 +467,60 @@ fn failure(code: ErrorCode, message: impl Into<String>) -> Failure {
     })
 }
 
-impl From<ApiError> for Failure {
-    fn from(e: ApiError) -> Self {
-        Failure(e)
+impl From<DaemonError> for Failure {
+    fn from(e: DaemonError) -> Self {
+        Failure(to_api(&e))
+    }
+}
+
+/// The wire form of a daemon failure: its code and its message. The daemon's errors
+/// stay typed up to here; this is the one place that decides which code each gets.
+fn to_api(e: &DaemonError) -> ApiError {
+    ApiError {
+        code: error_code(e),
+        message: e.to_string(),
+    }
+}
+
+fn error_code(e: &DaemonError) -> ErrorCode {
+    match e {
+        DaemonError::UnknownProfile(_) => ErrorCode::UnknownProfile,
+        DaemonError::NoBastion(_) => ErrorCode::NoBastion,
+        DaemonError::BadConfig(_) => ErrorCode::BadConfig,
+        DaemonError::Profile(e) => profile_error_code(e),
+    }
+}
+
+fn profile_error_code(e: &ProfileError) -> ErrorCode {
+    match e {
+        ProfileError::PortInUse { .. } => ErrorCode::PortInUse,
+        ProfileError::Listen { .. } => ErrorCode::ListenFailed,
+        ProfileError::Ec2Lookup(_) => ErrorCode::Ec2LookupFailed,
+        ProfileError::NoMatchingInstance(_) => ErrorCode::NoMatchingInstance,
+        ProfileError::StartSession(_) => ErrorCode::StartSessionFailed,
+        ProfileError::NoStateDir { .. } => ErrorCode::NoStateDir,
+        ProfileError::Session(_) | ProfileError::EndedAtOnce => ErrorCode::SessionFailed,
+        ProfileError::AgentTooOld { .. } => ErrorCode::AgentTooOld,
+        ProfileError::Bastion(e) => bastion_error_code(e),
+    }
+}
+
+fn bastion_error_code(e: &BastionError) -> ErrorCode {
+    match e {
+        BastionError::Identity(_) => ErrorCode::Credentials,
+        BastionError::Ec2Client(_) => ErrorCode::AwsError,
+        BastionError::Cloud(c) => match c.kind {
+            CloudErrorKind::MissingPermission => ErrorCode::MissingPermission,
+            CloudErrorKind::Capacity => ErrorCode::Capacity,
+            CloudErrorKind::Quota => ErrorCode::Quota,
+            CloudErrorKind::InvalidConfig => ErrorCode::InvalidBastionConfig,
+            CloudErrorKind::Credentials => ErrorCode::Credentials,
+            CloudErrorKind::Throttled => ErrorCode::Throttled,
+            CloudErrorKind::Aws => ErrorCode::AwsError,
+        },
+        BastionError::Registry(_) => ErrorCode::RegistryFailed,
+        BastionError::NotOnline(_) => ErrorCode::BastionNotOnline,
+        BastionError::Timeout(_) => ErrorCode::BastionTimeout,
     }
 }
 
@@ -608,7 +662,7 @@ fn warm_stream(daemon: Arc<Daemon>, name: String) -> Response {
             Ok(status) => OpenEvent::Status {
                 status: Box::new(status),
             },
-            Err(error) => OpenEvent::Error { error },
+            Err(e) => OpenEvent::Error { error: to_api(&e) },
         };
         let _ = lines_tx.send(ndjson_line(&last)).await;
     });
@@ -698,6 +752,49 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ondemand::cloud::CloudError;
+
+    #[test]
+    fn daemon_errors_get_their_wire_codes_at_the_edge() {
+        let in_use = |kind| std::io::Error::new(kind, "in use");
+        let tcp = DaemonError::from(ProfileError::PortInUse {
+            profile: "pg".into(),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 5432)),
+            source: in_use(io::ErrorKind::AddrInUse),
+        });
+        assert_eq!(
+            to_api(&tcp),
+            ApiError {
+                code: ErrorCode::PortInUse,
+                message: "profile pg: cannot listen on 127.0.0.1:5432: in use".into(),
+            }
+        );
+        // A Unix socket someone listens on has always been `listen_failed`.
+        let unix = DaemonError::from(ProfileError::Listen {
+            profile: "pg".into(),
+            addr: "/run/pg.sock".into(),
+            source: in_use(io::ErrorKind::AddrInUse),
+        });
+        assert_eq!(to_api(&unix).code, ErrorCode::ListenFailed);
+        let quota = DaemonError::from(ProfileError::from(BastionError::Cloud(CloudError {
+            kind: CloudErrorKind::Quota,
+            message: "profile pg: cannot launch a bastion: vCPU limit".into(),
+            retryable: false,
+        })));
+        assert_eq!(
+            to_api(&quota),
+            ApiError {
+                code: ErrorCode::Quota,
+                message: "profile pg: cannot launch a bastion: vCPU limit".into(),
+            }
+        );
+        let unknown = to_api(&DaemonError::UnknownProfile("nope".into()));
+        assert_eq!(unknown.code, ErrorCode::UnknownProfile);
+        assert_eq!(
+            unknown.message,
+            "no profile named \"nope\"; `bastionctl list` shows the configured ones"
+        );
+    }
 
     /// `bastiond run` spawns the server: its future must be `Send`.
     #[test]

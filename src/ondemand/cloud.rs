@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::api::ErrorCode;
-
 use crate::aws::ec2::{Ec2Api, Ec2Error, LaunchSpec, LaunchTemplateRef};
 use crate::aws::ecs::{EcsApi, TaskSpec};
 use crate::aws::ssm::{AwsError, SsmApi};
@@ -16,13 +14,32 @@ use crate::ondemand::userdata::LaunchValues;
 /// Instance states that count as alive (not yet gone).
 const LIVE_EC2_STATES: &[&str] = &["pending", "running", "stopping", "stopped"];
 
-/// A provider call failed; the code says what kind of failure it is.
+/// What kind of provider failure a [`CloudError`] is: what the user has to change
+/// (the control API gives each its own error code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudErrorKind {
+    /// The caller lacks an IAM permission (the message names the action).
+    MissingPermission,
+    /// No capacity for the instance type or task now.
+    Capacity,
+    /// An account quota stops the launch.
+    Quota,
+    /// The profile's `bastion` settings are refused (subnet, AMI parameter, cluster, ...).
+    InvalidConfig,
+    /// No usable credentials.
+    Credentials,
+    /// Throttled.
+    Throttled,
+    /// Anything else AWS answered.
+    Aws,
+}
+
+/// A provider call failed; `kind` says what kind of failure it is.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{message}")]
 pub struct CloudError {
-    /// `MissingPermission`, `Capacity`, `Quota`, `InvalidBastionConfig`,
-    /// `Credentials`, `Throttled` or `AwsError`.
-    pub code: ErrorCode,
+    /// What kind of failure.
+    pub kind: CloudErrorKind,
     /// A sentence for the user.
     pub message: String,
     /// Whether retrying later may help.
@@ -31,17 +48,17 @@ pub struct CloudError {
 
 impl From<Ec2Error> for CloudError {
     fn from(e: Ec2Error) -> CloudError {
-        let code = match &e {
-            Ec2Error::AccessDenied { .. } => ErrorCode::MissingPermission,
-            Ec2Error::Capacity { .. } => ErrorCode::Capacity,
-            Ec2Error::Quota { .. } => ErrorCode::Quota,
-            Ec2Error::InvalidParameter { .. } => ErrorCode::InvalidBastionConfig,
-            Ec2Error::AuthFailure { .. } | Ec2Error::Credentials(_) => ErrorCode::Credentials,
-            Ec2Error::Throttled { .. } => ErrorCode::Throttled,
-            _ => ErrorCode::AwsError,
+        let kind = match &e {
+            Ec2Error::AccessDenied { .. } => CloudErrorKind::MissingPermission,
+            Ec2Error::Capacity { .. } => CloudErrorKind::Capacity,
+            Ec2Error::Quota { .. } => CloudErrorKind::Quota,
+            Ec2Error::InvalidParameter { .. } => CloudErrorKind::InvalidConfig,
+            Ec2Error::AuthFailure { .. } | Ec2Error::Credentials(_) => CloudErrorKind::Credentials,
+            Ec2Error::Throttled { .. } => CloudErrorKind::Throttled,
+            _ => CloudErrorKind::Aws,
         };
         CloudError {
-            code,
+            kind,
             retryable: e.is_retryable(),
             message: e.to_string(),
         }
@@ -51,35 +68,35 @@ impl From<Ec2Error> for CloudError {
 impl CloudError {
     /// Maps an SDK-backed (SSM, ECS) error of `action`.
     pub fn from_aws(action: &str, e: AwsError) -> CloudError {
-        let (code, message) = match &e {
+        let (kind, message) = match &e {
             AwsError::AccessDenied(m) => (
-                ErrorCode::MissingPermission,
+                CloudErrorKind::MissingPermission,
                 format!(
                     "not authorized to perform {action} (the caller needs this IAM permission): {m}"
                 ),
             ),
-            AwsError::Credentials(_) => (ErrorCode::Credentials, e.to_string()),
-            AwsError::Throttled(_) => (ErrorCode::Throttled, format!("{action}: {e}")),
+            AwsError::Credentials(_) => (CloudErrorKind::Credentials, e.to_string()),
+            AwsError::Throttled(_) => (CloudErrorKind::Throttled, format!("{action}: {e}")),
             AwsError::Other { code, .. }
                 if code.contains("Capacity")
                     || code == "PlatformTaskDefinitionIncompatibilityException" =>
             {
-                (ErrorCode::Capacity, format!("{action}: {e}"))
+                (CloudErrorKind::Capacity, format!("{action}: {e}"))
             }
             AwsError::Other { code, .. } if code.contains("Limit") || code.contains("Quota") => {
-                (ErrorCode::Quota, format!("{action}: {e}"))
+                (CloudErrorKind::Quota, format!("{action}: {e}"))
             }
             AwsError::Other { code, .. }
                 if code.contains("InvalidParameter")
                     || code == "ClusterNotFoundException"
                     || code == "ParameterNotFound" =>
             {
-                (ErrorCode::InvalidBastionConfig, format!("{action}: {e}"))
+                (CloudErrorKind::InvalidConfig, format!("{action}: {e}"))
             }
-            _ => (ErrorCode::AwsError, format!("{action}: {e}")),
+            _ => (CloudErrorKind::Aws, format!("{action}: {e}")),
         };
         CloudError {
-            code,
+            kind,
             retryable: e.is_retryable(),
             message,
         }
@@ -172,7 +189,7 @@ impl Cloud {
                     .user_data
                     .render(launch)
                     .map_err(|message| CloudError {
-                        code: ErrorCode::InvalidBastionConfig,
+                        kind: CloudErrorKind::InvalidConfig,
                         message,
                         retryable: false,
                     })?;
@@ -346,8 +363,8 @@ mod tests {
         let ec2 =
             |code: &str| CloudError::from(Ec2Error::from_code("RunInstances", 400, code, "m"));
         assert_eq!(
-            ec2("UnauthorizedOperation").code,
-            ErrorCode::MissingPermission
+            ec2("UnauthorizedOperation").kind,
+            CloudErrorKind::MissingPermission
         );
         assert!(
             ec2("UnauthorizedOperation")
@@ -355,26 +372,26 @@ mod tests {
                 .contains("ec2:RunInstances")
         );
         assert_eq!(
-            ec2("InsufficientInstanceCapacity").code,
-            ErrorCode::Capacity
+            ec2("InsufficientInstanceCapacity").kind,
+            CloudErrorKind::Capacity
         );
-        assert_eq!(ec2("VcpuLimitExceeded").code, ErrorCode::Quota);
-        assert_eq!(ec2("InstanceLimitExceeded").code, ErrorCode::Quota);
+        assert_eq!(ec2("VcpuLimitExceeded").kind, CloudErrorKind::Quota);
+        assert_eq!(ec2("InstanceLimitExceeded").kind, CloudErrorKind::Quota);
         assert_eq!(
-            ec2("InvalidSubnetID.NotFound").code,
-            ErrorCode::InvalidBastionConfig
+            ec2("InvalidSubnetID.NotFound").kind,
+            CloudErrorKind::InvalidConfig
         );
-        assert_eq!(ec2("RequestLimitExceeded").code, ErrorCode::Throttled);
+        assert_eq!(ec2("RequestLimitExceeded").kind, CloudErrorKind::Throttled);
         assert!(ec2("RequestLimitExceeded").retryable);
         let aws = |e| CloudError::from_aws("ecs:RunTask", e);
         let denied = aws(AwsError::AccessDenied("no".into()));
-        assert_eq!(denied.code, ErrorCode::MissingPermission);
+        assert_eq!(denied.kind, CloudErrorKind::MissingPermission);
         assert!(denied.message.contains("ecs:RunTask"), "{}", denied.message);
         let missing = aws(AwsError::Other {
             code: "ClusterNotFoundException".into(),
             message: "Cluster not found.".into(),
         });
-        assert_eq!(missing.code, ErrorCode::InvalidBastionConfig);
+        assert_eq!(missing.kind, CloudErrorKind::InvalidConfig);
         assert_eq!(
             cluster_name("arn:aws:ecs:eu-west-1:1:cluster/bastions"),
             "bastions"

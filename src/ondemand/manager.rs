@@ -23,8 +23,9 @@ use super::registry::{
     DynamoRegistry, FileRegistry, Phase, ProviderKind, Record, Registry, RegistryError, record_key,
 };
 use super::userdata::LaunchValues;
-use crate::api::{ApiError, BastionStatus, ErrorCode, Progress};
-use crate::aws::ssm::{AwsTarget, SsmApi};
+use crate::api::{BastionStatus, Progress};
+use crate::aws::ec2::Ec2Error;
+use crate::aws::ssm::{AwsError, AwsTarget, SsmApi};
 use crate::config::bastion::{OnDemand, Provider, RegistryLocation};
 
 /// How long a lease on a record in a transient phase holds without renewal.
@@ -130,15 +131,32 @@ pub struct Bastions {
     ensure: AsyncMutex<()>,
 }
 
-fn api_error(code: ErrorCode, message: impl Into<String>) -> ApiError {
-    ApiError {
-        code,
-        message: message.into(),
-    }
-}
-
-fn registry_error(e: RegistryError) -> ApiError {
-    api_error(ErrorCode::RegistryFailed, e.to_string())
+/// Why the on-demand bastion could not be made ready or ended. The daemon keeps it
+/// typed; the control API gives each variant its error code.
+#[derive(Debug, thiserror::Error)]
+pub enum BastionError {
+    /// Who launches could not be found out (sts:GetCallerIdentity): no usable
+    /// credentials.
+    #[error("cannot tell who is launching the bastion (sts:GetCallerIdentity): {0}")]
+    Identity(AwsError),
+    /// The EC2 client could not be built (no region, bad endpoint, no credentials
+    /// provider).
+    #[error(transparent)]
+    Ec2Client(Ec2Error),
+    /// A provider call failed; the message names the profile and what was being done.
+    #[error(transparent)]
+    Cloud(CloudError),
+    /// The registry could not be read or written.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The bastion runs but did not come online with Session Manager in time; the
+    /// message says what to check.
+    #[error("{0}")]
+    NotOnline(String),
+    /// The bastion was not ready in time for another reason (another daemon still
+    /// launching or ending it).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl Bastions {
@@ -185,7 +203,7 @@ impl Bastions {
         mem.record = record;
     }
 
-    async fn ctx(&self) -> Result<&Ctx, ApiError> {
+    async fn ctx(&self) -> Result<&Ctx, BastionError> {
         self.ctx
             .get_or_try_init(|| async {
                 let config = crate::aws::ssm::load_config(&self.aws).await;
@@ -194,21 +212,13 @@ impl Bastions {
             .await
     }
 
-    async fn build_ctx(&self, config: &SdkConfig) -> Result<Ctx, ApiError> {
+    async fn build_ctx(&self, config: &SdkConfig) -> Result<Ctx, BastionError> {
         let identity = crate::aws::sts::caller_identity(config)
             .await
-            .map_err(|e| {
-                api_error(
-                    ErrorCode::Credentials,
-                    format!(
-                        "cannot tell who is launching the bastion (sts:GetCallerIdentity): {e}"
-                    ),
-                )
-            })?;
+            .map_err(BastionError::Identity)?;
         let cloud = match &self.cfg.provider {
             Provider::Ec2(spec) => Cloud::Ec2 {
-                ec2: crate::aws::ec2::Ec2Api::new(config)
-                    .map_err(|e| api_error(ErrorCode::AwsError, e.to_string()))?,
+                ec2: crate::aws::ec2::Ec2Api::new(config).map_err(BastionError::Ec2Client)?,
                 spec: Box::new(spec.clone()),
             },
             Provider::Fargate(spec) => Cloud::Fargate {
@@ -275,19 +285,19 @@ impl Bastions {
     /// Makes sure the bastion runs and Session Manager reaches it; returns the session
     /// target. Launches one if none exists (reusing a live one first), and waits at most
     /// `ready_timeout` for it, reporting progress as events.
-    pub async fn ensure_ready(&self) -> Result<String, ApiError> {
+    pub async fn ensure_ready(&self) -> Result<String, BastionError> {
         let span = info_span!("bastion", profile = %self.profile);
         async {
             let ctx = self.ctx().await?;
             let _guard = self.ensure.lock().await;
             let deadline = Instant::now() + self.cfg.ready_timeout;
             loop {
-                let record = ctx.registry.get(&ctx.key).await.map_err(registry_error)?;
+                let record = ctx.registry.get(&ctx.key).await?;
                 self.remember(record.clone());
                 if Instant::now() >= deadline {
                     let e = self.timeout_error(ctx, record.as_ref());
-                    self.emit("failed", record.as_ref(), Some(e.message.clone()));
-                    self.mem().last_error = Some(e.message.clone());
+                    self.emit("failed", record.as_ref(), Some(e.to_string()));
+                    self.mem().last_error = Some(e.to_string());
                     return Err(e);
                 }
                 let Some(record) = record else {
@@ -327,7 +337,7 @@ impl Bastions {
         .await
     }
 
-    fn timeout_error(&self, ctx: &Ctx, record: Option<&Record>) -> ApiError {
+    fn timeout_error(&self, ctx: &Ctx, record: Option<&Record>) -> BastionError {
         let waited = self.cfg.ready_timeout.as_secs();
         match record {
             Some(r) if r.phase == Phase::WaitingOnline => {
@@ -344,35 +354,29 @@ impl Bastions {
                         ssmmessages permissions) and that its subnets reach the Session Manager endpoints"
                         .to_owned(),
                 };
-                api_error(
-                    ErrorCode::BastionNotOnline,
-                    format!(
-                        "bastion {resource} of profile {} did not come online with Session Manager \
-                         within {waited} s; {hint}",
-                        self.profile
-                    ),
-                )
+                BastionError::NotOnline(format!(
+                    "bastion {resource} of profile {} did not come online with Session Manager \
+                     within {waited} s; {hint}",
+                    self.profile
+                ))
             }
-            Some(r) => api_error(
-                ErrorCode::BastionTimeout,
-                format!(
-                    "bastion of profile {} still {} after {waited} s (registry {}, holder {})",
-                    self.profile,
-                    r.phase.as_str(),
-                    ctx.registry.id(),
-                    r.holder
-                ),
-            ),
-            None => api_error(
-                ErrorCode::BastionTimeout,
-                format!("no bastion for profile {} after {waited} s", self.profile),
-            ),
+            Some(r) => BastionError::Timeout(format!(
+                "bastion of profile {} still {} after {waited} s (registry {}, holder {})",
+                self.profile,
+                r.phase.as_str(),
+                ctx.registry.id(),
+                r.holder
+            )),
+            None => BastionError::Timeout(format!(
+                "no bastion for profile {} after {waited} s",
+                self.profile
+            )),
         }
     }
 
     /// A ready record: checks now and then that the resource still runs; returns the
     /// target, or `None` to look again.
-    async fn use_ready(&self, ctx: &Ctx, record: Record) -> Result<Option<String>, ApiError> {
+    async fn use_ready(&self, ctx: &Ctx, record: Record) -> Result<Option<String>, BastionError> {
         if now_ms() >= record.expires_ms {
             self.terminate_record(ctx, record, "max lifetime reached")
                 .await?;
@@ -411,7 +415,7 @@ impl Bastions {
             match ctx.registry.put(&next, Some(record.version)).await {
                 Ok(()) => record = next,
                 Err(RegistryError::Conflict(_)) => return Ok(None),
-                Err(e) => return Err(registry_error(e)),
+                Err(e) => return Err(e.into()),
             }
         }
         let target = record.target.clone().or(record.resource.clone());
@@ -422,7 +426,7 @@ impl Bastions {
 
     /// Reuse before create: a live bastion of this scope in this registry without a record
     /// (a crash lost it) is adopted.
-    async fn adopt_live(&self, ctx: &Ctx) -> Result<bool, ApiError> {
+    async fn adopt_live(&self, ctx: &Ctx) -> Result<bool, BastionError> {
         let mut found = ctx
             .cloud
             .find(&Self::scope_tags(ctx))
@@ -441,7 +445,7 @@ impl Bastions {
                 Ok(true)
             }
             Err(RegistryError::Conflict(_)) => Ok(true),
-            Err(e) => Err(registry_error(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -470,14 +474,15 @@ impl Bastions {
         }
     }
 
-    fn cloud_error(&self, doing: &str, e: CloudError) -> ApiError {
+    /// `e` with the profile and what was being done, remembered for `status`.
+    fn cloud_error(&self, doing: &str, e: CloudError) -> BastionError {
         let message = format!("profile {}: {doing}: {}", self.profile, e.message);
         self.mem().last_error = Some(message.clone());
-        api_error(e.code, message)
+        BastionError::Cloud(CloudError { message, ..e })
     }
 
     /// Records `launching`, then launches.
-    async fn launch(&self, ctx: &Ctx) -> Result<(), ApiError> {
+    async fn launch(&self, ctx: &Ctx) -> Result<(), BastionError> {
         let now = now_ms();
         let record = Record {
             key: ctx.key.clone(),
@@ -498,7 +503,7 @@ impl Bastions {
         match ctx.registry.put(&record, None).await {
             Ok(()) => {}
             Err(RegistryError::Conflict(_)) => return Ok(()),
-            Err(e) => return Err(registry_error(e)),
+            Err(e) => return Err(e.into()),
         }
         info!(launch_id = %record.launch_id, provider = ctx.cloud.kind(), "launching a bastion");
         self.emit("launching", Some(&record), None);
@@ -517,17 +522,14 @@ impl Bastions {
                 next.resource = Some(resource.id.clone());
                 next.lease_until_ms = now_ms() + ms(LEASE);
                 info!(resource = %resource.id, "bastion launched; waiting for Session Manager");
-                ctx.registry
-                    .put(&next, Some(record.version))
-                    .await
-                    .map_err(registry_error)?;
+                ctx.registry.put(&next, Some(record.version)).await?;
                 self.emit("launched", Some(&next), Some(resource.id));
                 Ok(())
             }
             Err(e) => {
                 let ambiguous = e.retryable;
                 let err = self.cloud_error("cannot launch a bastion", e);
-                warn!(error = %err.message, "launch failed");
+                warn!(error = %err, "launch failed");
                 if ambiguous {
                     // A timeout or server error: EC2/ECS may have launched it anyway. The
                     // `launching` record stays; recovery adopts what appears, or forgets
@@ -535,14 +537,14 @@ impl Bastions {
                 } else if let Err(d) = ctx.registry.delete(&record.key, record.version).await {
                     warn!(error = %d, "cannot remove the failed launch from the registry");
                 }
-                self.emit("failed", Some(&record), Some(err.message.clone()));
+                self.emit("failed", Some(&record), Some(err.to_string()));
                 Err(err)
             }
         }
     }
 
     /// `waiting_online`: one poll of Session Manager (and of the resource).
-    async fn poll_online(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
+    async fn poll_online(&self, ctx: &Ctx, record: Record) -> Result<(), BastionError> {
         let resource = record.resource.clone().unwrap_or_default();
         let online = ctx
             .cloud
@@ -562,7 +564,7 @@ impl Bastions {
                     Ok(())
                 }
                 Err(RegistryError::Conflict(_)) => Ok(()),
-                Err(e) => Err(registry_error(e)),
+                Err(e) => Err(e.into()),
             }
         } else {
             match ctx.cloud.state(&resource).await {
@@ -592,7 +594,7 @@ impl Bastions {
     }
 
     /// `launching` left by a daemon that died: adopts what it launched, or forgets it.
-    async fn recover_launching(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
+    async fn recover_launching(&self, ctx: &Ctx, record: Record) -> Result<(), BastionError> {
         let mut tags = Self::scope_tags(ctx);
         tags.insert(TAG_LAUNCH_ID.into(), record.launch_id.clone());
         let found = ctx
@@ -611,7 +613,7 @@ impl Bastions {
                 info!(resource = %r.id, "adopting the bastion of an interrupted launch");
                 match ctx.registry.put(&next, Some(record.version)).await {
                     Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(registry_error(e)),
+                    Err(e) => Err(e.into()),
                 }
             }
             None if now_ms() < record.created_ms + ms(LAUNCH_VISIBILITY) => {
@@ -623,13 +625,13 @@ impl Bastions {
                 info!(launch_id = %record.launch_id, "an interrupted launch left nothing; forgetting it");
                 match ctx.registry.delete(&record.key, record.version).await {
                     Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(registry_error(e)),
+                    Err(e) => Err(e.into()),
                 }
             }
         }
     }
 
-    async fn forget(&self, ctx: &Ctx, record: &Record, phase: &str) -> Result<(), ApiError> {
+    async fn forget(&self, ctx: &Ctx, record: &Record, phase: &str) -> Result<(), BastionError> {
         match ctx.registry.delete(&record.key, record.version).await {
             Ok(()) => {
                 self.emit(phase, Some(record), record.resource.clone());
@@ -637,7 +639,7 @@ impl Bastions {
                 Ok(())
             }
             Err(RegistryError::Conflict(_)) => Ok(()),
-            Err(e) => Err(registry_error(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -647,7 +649,7 @@ impl Bastions {
         ctx: &Ctx,
         record: Record,
         reason: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BastionError> {
         match self.mark_terminating(ctx, record, reason).await? {
             Some(next) => self.finish_terminate(ctx, next).await,
             None => Ok(()),
@@ -660,7 +662,7 @@ impl Bastions {
         ctx: &Ctx,
         record: Record,
         reason: &str,
-    ) -> Result<Option<Record>, ApiError> {
+    ) -> Result<Option<Record>, BastionError> {
         let mut next = record.clone();
         next.version += 1;
         next.phase = Phase::Terminating;
@@ -669,7 +671,7 @@ impl Bastions {
         match ctx.registry.put(&next, Some(record.version)).await {
             Ok(()) => {}
             Err(RegistryError::Conflict(_)) => return Ok(None),
-            Err(e) => return Err(registry_error(e)),
+            Err(e) => return Err(e.into()),
         }
         info!(resource = ?next.resource, reason, "terminating the bastion");
         self.emit("terminating", Some(&next), Some(reason.to_owned()));
@@ -677,7 +679,7 @@ impl Bastions {
     }
 
     /// `terminating`: terminate (idempotent), then delete the record.
-    async fn finish_terminate(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
+    async fn finish_terminate(&self, ctx: &Ctx, record: Record) -> Result<(), BastionError> {
         let mut ids: Vec<String> = record.resource.iter().cloned().collect();
         if ids.is_empty() {
             let mut tags = Self::scope_tags(ctx);
@@ -708,10 +710,10 @@ impl Bastions {
         &self,
         reason: &str,
         expect: u64,
-    ) -> Result<Option<Record>, ApiError> {
+    ) -> Result<Option<Record>, BastionError> {
         let ctx = self.ctx().await?;
         let _guard = self.ensure.lock().await;
-        let Some(record) = ctx.registry.get(&ctx.key).await.map_err(registry_error)? else {
+        let Some(record) = ctx.registry.get(&ctx.key).await? else {
             return Ok(None);
         };
         let endable = matches!(
@@ -726,9 +728,9 @@ impl Bastions {
     }
 
     /// Ends whatever bastion is recorded now (its profile is going away).
-    pub async fn end_now(&self, reason: &str) -> Result<(), ApiError> {
+    pub async fn end_now(&self, reason: &str) -> Result<(), BastionError> {
         let ctx = self.ctx().await?;
-        let version = match ctx.registry.get(&ctx.key).await.map_err(registry_error)? {
+        let version = match ctx.registry.get(&ctx.key).await? {
             Some(r) => r.version,
             None => return Ok(()),
         };
@@ -739,7 +741,7 @@ impl Bastions {
     }
 
     /// Second half: terminates (idempotent) and deletes the record.
-    pub async fn finish_termination(&self, record: Record) -> Result<(), ApiError> {
+    pub async fn finish_termination(&self, record: Record) -> Result<(), BastionError> {
         let ctx = self.ctx().await?;
         let _guard = self.ensure.lock().await;
         self.finish_terminate(ctx, record).await
@@ -762,7 +764,7 @@ impl Bastions {
             if due {
                 self.mem().swept_at = Some(Instant::now());
                 if let Err(e) = self.reconcile().await {
-                    debug!(profile = %self.profile, error = %e.message, "bastion reconciliation still failing");
+                    debug!(profile = %self.profile, error = %e, "bastion reconciliation still failing");
                 }
             }
             return Decision::Keep;
@@ -774,7 +776,7 @@ impl Bastions {
         if sweep_due && connections == 0 {
             self.mem().swept_at = Some(Instant::now());
             if let Err(e) = self.reconcile().await {
-                warn!(profile = %self.profile, error = %e.message, "bastion reconciliation failed");
+                warn!(profile = %self.profile, error = %e, "bastion reconciliation failed");
             }
         }
         {
@@ -925,7 +927,7 @@ impl Bastions {
             _ => Ok(()),
         };
         if let Err(e) = result {
-            warn!(profile = %self.profile, error = %e.message, "bastion lifecycle step failed");
+            warn!(profile = %self.profile, error = %e, "bastion lifecycle step failed");
         }
     }
 
@@ -955,7 +957,7 @@ impl Bastions {
     /// completed), forgets bastions that are gone, ends expired ones, and terminates live
     /// bastions of this profile and registry that no record owns, unless a Session
     /// Manager session uses them (then they are adopted).
-    pub async fn reconcile(&self) -> Result<(), ApiError> {
+    pub async fn reconcile(&self) -> Result<(), BastionError> {
         let ctx = self.ctx().await?;
         let Ok(_guard) = self.ensure.try_lock() else {
             return Ok(());
@@ -967,7 +969,7 @@ impl Bastions {
             .find(&Self::scope_tags(ctx))
             .await
             .map_err(|e| self.cloud_error("listing bastions", e))?;
-        if let Some(record) = ctx.registry.get(&ctx.key).await.map_err(registry_error)? {
+        if let Some(record) = ctx.registry.get(&ctx.key).await? {
             match record.phase {
                 Phase::Launching if self.may_take_over(&record) => {
                     self.recover_launching(ctx, record).await?
@@ -995,12 +997,7 @@ impl Bastions {
                 _ => {}
             }
         }
-        let owned = ctx
-            .registry
-            .get(&ctx.key)
-            .await
-            .map_err(registry_error)?
-            .map(|r| r.launch_id);
+        let owned = ctx.registry.get(&ctx.key).await?.map(|r| r.launch_id);
         for r in live {
             if r.tags.get(TAG_LAUNCH_ID) == owned.as_ref() && owned.is_some() {
                 continue;
@@ -1033,8 +1030,7 @@ impl Bastions {
                 let now_owned = ctx
                     .registry
                     .get(&ctx.key)
-                    .await
-                    .map_err(registry_error)?
+                    .await?
                     .is_some_and(|rec| Some(&rec.launch_id) == r.tags.get(TAG_LAUNCH_ID));
                 if now_owned {
                     continue;
