@@ -663,7 +663,7 @@ impl ProfileRuntime {
         &self,
         api: &SsmApi,
         tags: &std::collections::BTreeMap<String, String>,
-    ) -> Result<crate::transport::ssm::SessionTicket, ProfileError> {
+    ) -> Result<crate::aws::ssm::SessionTicket, ProfileError> {
         let wanted = crate::aws::ec2::describe_tags(tags);
         let ec2 = self.ec2_api().await?;
         let found = match ec2.running_instances_with_tags(tags).await {
@@ -731,7 +731,7 @@ impl ProfileRuntime {
     async fn start_session_on_demand(
         &self,
         api: &SsmApi,
-    ) -> Result<crate::transport::ssm::SessionTicket, ProfileError> {
+    ) -> Result<crate::aws::ssm::SessionTicket, ProfileError> {
         let Some(bastion) = &self.bastion else {
             return Err(ProfileError::NoStateDir {
                 profile: self.profile.name.clone(),
