@@ -234,7 +234,8 @@ pub enum ErrorCode {
     /// (another daemon still launching or ending it).
     BastionTimeout,
     /// A profile's listener could not be opened for a reason other than a taken TCP port
-    /// (a Unix socket path in use or not writable, a missing address).
+    /// (a `local_socket` another process listens on or that cannot be created, an
+    /// address the host does not have).
     ListenFailed,
     /// `target_tags`: the EC2 lookup failed (no region, credentials, permissions,
     /// endpoint); the message says which.
