@@ -24,9 +24,9 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use crate::api::{
-    API_VERSION, ApiError, Health, OpenEvent, OpenRequest, ProfileStatus, Progress, ReloadResult,
+    API_VERSION, ApiError, ErrorCode, Health, OpenEvent, OpenRequest, ProfileStatus, Progress,
+    ReloadResult, SYSTEM_SOCKET_PATH,
 };
-use crate::daemon::control::{SYSTEM_SOCKET_PATH, default_socket_path as own_socket_path};
 
 /// Largest response body the client reads (a line of the progress stream included).
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -36,11 +36,11 @@ pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The socket `bastionctl` talks to when none is given: this user's daemon socket
-/// (see [`crate::daemon::control::default_socket_path`]) when it exists, else the
+/// (see [`crate::api::default_socket_path`]) when it exists, else the
 /// system daemon's `/run/bastion/control.sock` when that exists, else this user's path
 /// (so that "not running" names the socket a user service would create).
 pub fn default_socket_path() -> PathBuf {
-    let own = own_socket_path();
+    let own = crate::api::default_socket_path();
     if own.exists() {
         return own;
     }
@@ -364,7 +364,7 @@ async fn read_all(body: Incoming) -> Result<Bytes, CtlError> {
 
 fn api_error(status: StatusCode, body: &[u8]) -> CtlError {
     let error = serde_json::from_slice::<ApiError>(body).unwrap_or_else(|_| ApiError {
-        code: format!("http_{}", status.as_u16()),
+        code: ErrorCode::Other(format!("http_{}", status.as_u16())),
         message: format!(
             "bastiond answered {status}{}",
             match String::from_utf8_lossy(body).trim() {
@@ -455,7 +455,7 @@ impl WarmOpen {
                 OpenEvent::Status { status } => return Ok(*status),
                 OpenEvent::Error { error } => {
                     return Err(CtlError::Api {
-                        status: crate::daemon::control::http_status(&error.code).as_u16(),
+                        status: error.code.http_status(),
                         error,
                     });
                 }

@@ -36,6 +36,17 @@
 //! Manager relays them to the agent, which acknowledges each and writes to the database.
 //! Replies come back as `output_stream_data`, are acknowledged, reordered by sequence
 //! number, demultiplexed by stream id and written to the IDE's socket.
+//!
+//! Dependencies between the modules of this crate point one way:
+//!
+//! * [`transport`] (the IO driver of a session) uses [`aws`] for what the service
+//!   answered (`aws::ssm::SessionTicket`, `Resumed`) and for signing the websocket
+//!   upgrade (`aws::upgrade_sign`); [`aws`] never imports [`transport`].
+//! * [`api`] is the control API's wire contract: request and answer bodies, the error
+//!   codes with their HTTP statuses (`api::ErrorCode`) and the socket paths. The server
+//!   ([`daemon::control`]) and the client ([`ctl`]) both use it and not each other.
+//! * The daemon's own errors are typed (`daemon::DaemonError` and the enums it wraps);
+//!   they become `api::ApiError` only in [`daemon::control`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -45,13 +45,11 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::aws::ssm::{AwsTarget, SsmApi, http_client, load_config_with_endpoint};
+use crate::aws::ssm::{AwsTarget, SessionTicket, SsmApi, http_client, load_config_with_endpoint};
+use crate::aws::upgrade_sign::UpgradeSigner;
 use crate::proto::session::DataMode;
 use crate::transport::relay::relay;
-use crate::transport::ssm::{
-    ResumeError, Resumer, SessionTicket, Tunnel, TunnelConfig, TunnelEnd, TunnelError,
-};
-use crate::transport::upgrade_sign::UpgradeSigner;
+use crate::transport::ssm::{ResumeError, Resumer, Tunnel, TunnelConfig, TunnelEnd, TunnelError};
 use listen::{Accepted, LocalEndpoint};
 
 /// The plugin version `--version` reports. The AWS CLI reads it for two things only

@@ -953,7 +953,7 @@ impl Ec2Api {
             .credentials_provider()
             .ok_or_else(|| Ec2Error::Credentials("no credentials provider is configured".into()))?;
         let endpoint = Endpoint::parse(&resolve_endpoint(config, &region)?)?;
-        crate::transport::websocket::install_crypto_provider();
+        super::install_crypto_provider();
         let connector = Connector::builder()
             .connector_settings(
                 HttpConnectorSettings::builder()

@@ -33,7 +33,7 @@ use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::tls;
 use thiserror::Error;
 
-use crate::transport::ssm::SessionTicket;
+use super::upgrade_sign::UpgradeSigner;
 
 /// Most pages of a listing followed before giving up.
 const MAX_PAGES: usize = 1000;
@@ -54,7 +54,7 @@ pub struct AwsTarget {
 /// root certificates, and the proxy settings of the environment (`HTTPS_PROXY`,
 /// `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, upper or lower case), as the websocket uses them.
 pub fn http_client() -> SharedHttpClient {
-    crate::transport::websocket::install_crypto_provider();
+    super::install_crypto_provider();
     let proxy = ProxyConfig::from_env();
     // The public `build_https` has no proxy setting; this builds the same connector
     // (connector settings and sleep from the runtime) with one.
@@ -276,21 +276,67 @@ pub struct StartRequest {
     pub reason: Option<String>,
 }
 
+/// What StartSession (or ECS ExecuteCommand) returned: what the data channel is dialed
+/// with. `Debug` redacts the token.
+#[derive(Clone)]
+pub struct SessionTicket {
+    /// The SessionId.
+    pub session_id: String,
+    /// The StreamUrl, used unmodified.
+    pub stream_url: String,
+    /// The TokenValue: a secret, valid briefly.
+    pub token_value: String,
+    /// The StartSession Target.
+    pub target: String,
+}
+
+impl fmt::Debug for SessionTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionTicket")
+            .field("session_id", &self.session_id)
+            .field("stream_url", &self.stream_url)
+            .field("token_value", &"<redacted>")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// What ResumeSession returned. `Debug` redacts the token.
+#[derive(Clone, Default)]
+pub struct Resumed {
+    /// The new TokenValue; empty when the session timed out.
+    pub token_value: String,
+    /// The new StreamUrl, when the service returned one: \[P\] 1.2.835.0 dials it
+    /// instead of the first (whose `cell-number` may have expired), IDX `29db6846`
+    /// `sessionhandler.go` fn `ResumeSessionHandler` / `websocketchannel.go` fn
+    /// `SetStreamUrl`.
+    pub stream_url: Option<String>,
+}
+
+impl fmt::Debug for Resumed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resumed")
+            .field("token_value", &"<redacted>")
+            .field("stream_url", &self.stream_url)
+            .finish()
+    }
+}
+
 /// The Session Manager API of one account and region.
 #[derive(Clone, Debug)]
 pub struct SsmApi {
     client: aws_sdk_ssm::Client,
     /// Signs the data-channel upgrades with the same region and credential chain.
-    signer: Option<crate::transport::upgrade_sign::UpgradeSigner>,
+    signer: Option<UpgradeSigner>,
 }
 
 impl SsmApi {
     /// A client for `config`.
     pub fn new(config: &SdkConfig) -> SsmApi {
         let signer = match (config.region(), config.credentials_provider()) {
-            (Some(region), Some(provider)) => Some(
-                crate::transport::upgrade_sign::UpgradeSigner::new(region.to_string(), provider),
-            ),
+            (Some(region), Some(provider)) => {
+                Some(UpgradeSigner::new(region.to_string(), provider))
+            }
             _ => None,
         };
         SsmApi {
@@ -301,7 +347,7 @@ impl SsmApi {
 
     /// The signer of the data-channel upgrades of this client's sessions: its region
     /// and its credential chain, resolved afresh at every dial.
-    pub fn upgrade_signer(&self) -> Option<crate::transport::upgrade_sign::UpgradeSigner> {
+    pub fn upgrade_signer(&self) -> Option<UpgradeSigner> {
         self.signer.clone()
     }
 
@@ -332,10 +378,7 @@ impl SsmApi {
 
     /// ResumeSession: returns the new TokenValue (empty when the session timed out, as
     /// [P] `sessionhandler.go` fn `ResumeSessionHandler` treats it).
-    pub async fn resume_session(
-        &self,
-        session_id: &str,
-    ) -> Result<crate::transport::ssm::Resumed, AwsError> {
+    pub async fn resume_session(&self, session_id: &str) -> Result<Resumed, AwsError> {
         let out = self
             .client
             .resume_session()
@@ -343,7 +386,7 @@ impl SsmApi {
             .send()
             .await
             .map_err(map_err)?;
-        Ok(crate::transport::ssm::Resumed {
+        Ok(Resumed {
             token_value: out.token_value().unwrap_or_default().to_owned(),
             stream_url: out
                 .stream_url()

@@ -161,7 +161,7 @@ impl From<CtlError> for Failed {
 
 fn api_failure(error: bastion::api::ApiError) -> CtlError {
     CtlError::Api {
-        status: bastion::daemon::control::http_status(&error.code).as_u16(),
+        status: error.code.http_status(),
         error,
     }
 }

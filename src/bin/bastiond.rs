@@ -105,9 +105,9 @@ fn socket_path(explicit: Option<PathBuf>) -> PathBuf {
     explicit
         .or_else(|| {
             std::env::var_os("RUNTIME_DIRECTORY")
-                .map(|d| PathBuf::from(d).join(control::SOCKET_FILE_NAME))
+                .map(|d| PathBuf::from(d).join(bastion::api::SOCKET_FILE_NAME))
         })
-        .unwrap_or_else(control::default_socket_path)
+        .unwrap_or_else(bastion::api::default_socket_path)
 }
 
 /// Resolves on SIGTERM or SIGINT; calls `on_hup` on every SIGHUP.
@@ -127,7 +127,7 @@ async fn serve_signals(daemon: Arc<Daemon>) {
             _ = hup.recv() => {
                 match daemon.reload().await {
                     Ok(r) => tracing::info!(?r, "reloaded on SIGHUP"),
-                    Err(e) => tracing::error!(error = %e.message, "reload on SIGHUP failed"),
+                    Err(e) => tracing::error!(error = %e, "reload on SIGHUP failed"),
                 }
             }
         }

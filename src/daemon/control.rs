@@ -5,7 +5,8 @@
 //!
 //! ```no_run
 //! # async fn run(daemon: std::sync::Arc<bastion::daemon::Daemon>) -> Result<(), bastion::daemon::control::ControlError> {
-//! use bastion::daemon::control::{SocketAccess, default_socket_path, serve};
+//! use bastion::api::default_socket_path;
+//! use bastion::daemon::control::{SocketAccess, serve};
 //! let socket = default_socket_path();
 //! let stop = async { let _ = tokio::signal::ctrl_c().await; };
 //! serve(daemon, &socket, SocketAccess::default(), stop).await?;
@@ -43,17 +44,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::Daemon;
+use super::profile::ProfileError;
+use super::{Daemon, DaemonError};
 use crate::api::{
-    ApiError, Health, MAX_REQUEST_BYTES, NDJSON_CONTENT_TYPE, OpenEvent, OpenRequest,
-    ProfileStatus, ReloadResult,
+    ApiError, ErrorCode, Health, MAX_REQUEST_BYTES, NDJSON_CONTENT_TYPE, OpenEvent, OpenRequest,
+    ProfileStatus, ReloadResult, current_uid,
 };
-
-/// The system service's socket (`bastiond` as root without `XDG_RUNTIME_DIR`).
-pub const SYSTEM_SOCKET_PATH: &str = "/run/bastion/control.sock";
-
-/// File name of the socket inside its directory.
-pub const SOCKET_FILE_NAME: &str = "control.sock";
+use crate::ondemand::cloud::CloudErrorKind;
+use crate::ondemand::manager::BastionError;
 
 /// How long [`serve`] waits for requests in flight after the shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -70,7 +68,8 @@ pub enum ControlError {
     AlreadyRunning {
         /// The socket path.
         path: PathBuf,
-        /// The other daemon's pid, when it answered `/v1/health`.
+        /// The pid of the process listening on the socket, where the platform reports
+        /// peer credentials.
         pid: Option<u32>,
     },
     /// Something that is not a socket sits at the socket path.
@@ -106,35 +105,6 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Contro
         action,
         path,
         source,
-    }
-}
-
-/// The effective uid of this process.
-pub fn current_uid() -> u32 {
-    rustix::process::geteuid().as_raw()
-}
-
-/// The default socket path for this process (computed; nothing is created):
-/// `$XDG_RUNTIME_DIR/bastion/control.sock` when `XDG_RUNTIME_DIR` is set to an
-/// absolute path; otherwise [`SYSTEM_SOCKET_PATH`] for root, and
-/// `$TMPDIR/bastion-$UID/control.sock` for other users (e.g. macOS, which has no
-/// `XDG_RUNTIME_DIR`).
-pub fn default_socket_path() -> PathBuf {
-    socket_path_for(
-        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
-        current_uid(),
-        &std::env::temp_dir(),
-    )
-}
-
-/// [`default_socket_path`] from explicit inputs.
-pub fn socket_path_for(xdg_runtime_dir: Option<PathBuf>, uid: u32, temp_dir: &Path) -> PathBuf {
-    match xdg_runtime_dir.filter(|d| d.is_absolute()) {
-        Some(dir) => dir.join("bastion").join(SOCKET_FILE_NAME),
-        None if uid == 0 => PathBuf::from(SYSTEM_SOCKET_PATH),
-        None => temp_dir
-            .join(format!("bastion-{uid}"))
-            .join(SOCKET_FILE_NAME),
     }
 }
 
@@ -392,15 +362,14 @@ pub async fn bind(path: &Path, access: SocketAccess) -> Result<ControlListener, 
             });
         }
         Ok(_) => match UnixStream::connect(path).await {
-            Ok(_) => {
-                let pid = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    crate::ctl::Client::new(path).health(),
-                )
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .map(|h| h.pid);
+            Ok(stream) => {
+                // The listener's credentials, as the kernel recorded them at listen():
+                // no request that a busy or foreign server might leave unanswered.
+                let pid = stream
+                    .peer_cred()
+                    .ok()
+                    .and_then(|c| c.pid())
+                    .and_then(|p| u32::try_from(p).ok());
                 return Err(ControlError::AlreadyRunning {
                     path: path.to_path_buf(),
                     pid,
@@ -488,47 +457,78 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-/// The HTTP status the API answers with for an [`ApiError`] code.
-pub fn http_status(code: &str) -> StatusCode {
-    match code {
-        "bad_request" => StatusCode::BAD_REQUEST,
-        "unknown_profile" | "not_found" | "no_bastion" => StatusCode::NOT_FOUND,
-        "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
-        "port_in_use" => StatusCode::CONFLICT,
-        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-        "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "bad_config" => StatusCode::UNPROCESSABLE_ENTITY,
-        "unsupported" => StatusCode::NOT_IMPLEMENTED,
-        "start_session_failed" | "session_failed" => StatusCode::BAD_GATEWAY,
-        "missing_permission" | "credentials" => StatusCode::FORBIDDEN,
-        "bastion_not_online" | "bastion_timeout" => StatusCode::GATEWAY_TIMEOUT,
-        "capacity" | "quota" | "throttled" | "bastion_gone" | "aws_error" | "registry_failed" => {
-            StatusCode::BAD_GATEWAY
-        }
-        "invalid_bastion_config" => StatusCode::UNPROCESSABLE_ENTITY,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
 /// An error answer.
 struct Failure(ApiError);
 
-fn failure(code: &str, message: impl Into<String>) -> Failure {
+fn failure(code: ErrorCode, message: impl Into<String>) -> Failure {
     Failure(ApiError {
-        code: code.to_owned(),
+        code,
         message: message.into(),
     })
 }
 
-impl From<ApiError> for Failure {
-    fn from(e: ApiError) -> Self {
-        Failure(e)
+impl From<DaemonError> for Failure {
+    fn from(e: DaemonError) -> Self {
+        Failure(to_api(&e))
+    }
+}
+
+/// The wire form of a daemon failure: its code and its message. The daemon's errors
+/// stay typed up to here; this is the one place that decides which code each gets.
+fn to_api(e: &DaemonError) -> ApiError {
+    ApiError {
+        code: error_code(e),
+        message: e.to_string(),
+    }
+}
+
+fn error_code(e: &DaemonError) -> ErrorCode {
+    match e {
+        DaemonError::UnknownProfile(_) => ErrorCode::UnknownProfile,
+        DaemonError::NoBastion(_) => ErrorCode::NoBastion,
+        DaemonError::BadConfig(_) => ErrorCode::BadConfig,
+        DaemonError::Profile(e) => profile_error_code(e),
+    }
+}
+
+fn profile_error_code(e: &ProfileError) -> ErrorCode {
+    match e {
+        ProfileError::PortInUse { .. } => ErrorCode::PortInUse,
+        ProfileError::Listen { .. } => ErrorCode::ListenFailed,
+        ProfileError::Ec2Lookup(_) => ErrorCode::Ec2LookupFailed,
+        ProfileError::NoMatchingInstance(_) => ErrorCode::NoMatchingInstance,
+        ProfileError::StartSession(_) => ErrorCode::StartSessionFailed,
+        ProfileError::NoStateDir { .. } => ErrorCode::NoStateDir,
+        ProfileError::Session(_) | ProfileError::EndedAtOnce => ErrorCode::SessionFailed,
+        ProfileError::AgentTooOld { .. } => ErrorCode::AgentTooOld,
+        ProfileError::Bastion(e) => bastion_error_code(e),
+    }
+}
+
+fn bastion_error_code(e: &BastionError) -> ErrorCode {
+    match e {
+        BastionError::Identity(_) => ErrorCode::Credentials,
+        BastionError::Ec2Client(_) => ErrorCode::AwsError,
+        BastionError::Cloud(c) => match c.kind {
+            CloudErrorKind::MissingPermission => ErrorCode::MissingPermission,
+            CloudErrorKind::Capacity => ErrorCode::Capacity,
+            CloudErrorKind::Quota => ErrorCode::Quota,
+            CloudErrorKind::InvalidConfig => ErrorCode::InvalidBastionConfig,
+            CloudErrorKind::Credentials => ErrorCode::Credentials,
+            CloudErrorKind::Throttled => ErrorCode::Throttled,
+            CloudErrorKind::Aws => ErrorCode::AwsError,
+        },
+        BastionError::Registry(_) => ErrorCode::RegistryFailed,
+        BastionError::NotOnline(_) => ErrorCode::BastionNotOnline,
+        BastionError::Timeout(_) => ErrorCode::BastionTimeout,
     }
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        (http_status(&self.0.code), Json(self.0)).into_response()
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
     }
 }
 
@@ -537,7 +537,7 @@ type Shared = State<Arc<Daemon>>;
 fn profile_name(path: Result<UrlPath<String>, PathRejection>) -> Result<String, Failure> {
     path.map(|UrlPath(name)| name).map_err(|e| {
         failure(
-            "bad_request",
+            ErrorCode::BadRequest,
             format!("bad profile name in the path: {}", e.body_text()),
         )
     })
@@ -551,12 +551,12 @@ fn json_body<T: DeserializeOwned + Default>(
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             failure(
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 format!("request body larger than {MAX_REQUEST_BYTES} bytes"),
             )
         } else {
             failure(
-                "bad_request",
+                ErrorCode::BadRequest,
                 format!("cannot read the request body: {}", e.body_text()),
             )
         }
@@ -575,21 +575,21 @@ fn json_body<T: DeserializeOwned + Default>(
             .to_ascii_lowercase();
         if essence != "application/json" {
             return Err(failure(
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "request bodies are JSON: send Content-Type: application/json (curl: --json '{...}')",
             ));
         }
     }
     let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| failure("bad_request", format!("invalid JSON body: {e}")))?;
+        .map_err(|e| failure(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))?;
     if !value.is_object() {
         return Err(failure(
-            "bad_request",
+            ErrorCode::BadRequest,
             "the request body must be a JSON object",
         ));
     }
     serde_json::from_value(value)
-        .map_err(|e| failure("bad_request", format!("invalid request: {e}")))
+        .map_err(|e| failure(ErrorCode::BadRequest, format!("invalid request: {e}")))
 }
 
 #[derive(Default, Deserialize)]
@@ -662,7 +662,7 @@ fn warm_stream(daemon: Arc<Daemon>, name: String) -> Response {
             Ok(status) => OpenEvent::Status {
                 status: Box::new(status),
             },
-            Err(error) => OpenEvent::Error { error },
+            Err(e) => OpenEvent::Error { error: to_api(&e) },
         };
         let _ = lines_tx.send(ndjson_line(&last)).await;
     });
@@ -734,7 +734,7 @@ async fn reload(
 
 async fn not_found(uri: axum::http::Uri) -> Failure {
     failure(
-        "not_found",
+        ErrorCode::NotFound,
         format!(
             "no route {}; the API is under /v1 (see proto-docs/control-api.md)",
             uri.path()
@@ -744,7 +744,7 @@ async fn not_found(uri: axum::http::Uri) -> Failure {
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Failure {
     failure(
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),
     )
 }
@@ -752,22 +752,47 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ondemand::cloud::CloudError;
 
     #[test]
-    fn socket_paths() {
-        let tmp = Path::new("/tmp");
+    fn daemon_errors_get_their_wire_codes_at_the_edge() {
+        let in_use = |kind| std::io::Error::new(kind, "in use");
+        let tcp = DaemonError::from(ProfileError::PortInUse {
+            profile: "pg".into(),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 5432)),
+            source: in_use(io::ErrorKind::AddrInUse),
+        });
         assert_eq!(
-            socket_path_for(Some("/run/user/1000".into()), 1000, tmp),
-            Path::new("/run/user/1000/bastion/control.sock")
+            to_api(&tcp),
+            ApiError {
+                code: ErrorCode::PortInUse,
+                message: "profile pg: cannot listen on 127.0.0.1:5432: in use".into(),
+            }
         );
-        assert_eq!(socket_path_for(None, 0, tmp), Path::new(SYSTEM_SOCKET_PATH));
+        // A Unix socket someone listens on has always been `listen_failed`.
+        let unix = DaemonError::from(ProfileError::Listen {
+            profile: "pg".into(),
+            addr: "/run/pg.sock".into(),
+            source: in_use(io::ErrorKind::AddrInUse),
+        });
+        assert_eq!(to_api(&unix).code, ErrorCode::ListenFailed);
+        let quota = DaemonError::from(ProfileError::from(BastionError::Cloud(CloudError {
+            kind: CloudErrorKind::Quota,
+            message: "profile pg: cannot launch a bastion: vCPU limit".into(),
+            retryable: false,
+        })));
         assert_eq!(
-            socket_path_for(Some("relative".into()), 1000, tmp),
-            Path::new("/tmp/bastion-1000/control.sock")
+            to_api(&quota),
+            ApiError {
+                code: ErrorCode::Quota,
+                message: "profile pg: cannot launch a bastion: vCPU limit".into(),
+            }
         );
+        let unknown = to_api(&DaemonError::UnknownProfile("nope".into()));
+        assert_eq!(unknown.code, ErrorCode::UnknownProfile);
         assert_eq!(
-            socket_path_for(Some("/run/user/0".into()), 0, tmp),
-            Path::new("/run/user/0/bastion/control.sock")
+            unknown.message,
+            "no profile named \"nope\"; `bastionctl list` shows the configured ones"
         );
     }
 
@@ -779,16 +804,5 @@ mod tests {
         let socket = PathBuf::from("/nonexistent/control.sock");
         let fut = async move { serve(daemon, &socket, SocketAccess::default(), async {}).await };
         is_send(&fut);
-    }
-
-    #[test]
-    fn status_codes() {
-        assert_eq!(http_status("unknown_profile"), StatusCode::NOT_FOUND);
-        assert_eq!(http_status("port_in_use"), StatusCode::CONFLICT);
-        assert_eq!(http_status("session_failed"), StatusCode::BAD_GATEWAY);
-        assert_eq!(
-            http_status("anything else"),
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
     }
 }

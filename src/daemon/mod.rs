@@ -12,12 +12,12 @@ use std::time::Duration;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tracing::info;
 
-use crate::api::{ApiError, ProfileStatus, Progress, ReloadResult};
+use crate::api::{ProfileStatus, Progress, ReloadResult};
 use crate::aws::ssm::{AwsTarget, SsmApi, load_config};
-use crate::config::{Config, Profile};
+use crate::config::{Config, ConfigErrors, Profile};
 use crate::ondemand::Host;
 use crate::transport::ssm::TunnelConfig;
-use profile::{ApiProvider, ProfileRuntime};
+use profile::{ApiProvider, ProfileError, ProfileRuntime};
 
 /// The running daemon. Share it as `Arc<Daemon>`.
 pub struct Daemon {
@@ -29,11 +29,22 @@ pub struct Daemon {
     host: Option<Arc<Host>>,
 }
 
-fn unknown(name: &str) -> ApiError {
-    ApiError {
-        code: "unknown_profile".into(),
-        message: format!("no profile named {name:?}; `bastionctl list` shows the configured ones"),
-    }
+/// Why a request to the daemon failed. The control API ([`control`]) turns it into the
+/// wire error (code and HTTP status); everything inside the daemon keeps it typed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No profile has that name.
+    #[error("no profile named {0:?}; `bastionctl list` shows the configured ones")]
+    UnknownProfile(String),
+    /// The profile has no `bastion` section, so no lifecycle events.
+    #[error("profile {0:?} has no on-demand bastion (no bastion section)")]
+    NoBastion(String),
+    /// `reload`: the configuration file has errors; nothing changed.
+    #[error("configuration not reloaded:\n{0}")]
+    BadConfig(ConfigErrors),
+    /// The profile could not open or start its session.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
 }
 
 impl Daemon {
@@ -83,11 +94,11 @@ impl Daemon {
         self.profiles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, name: &str) -> Result<Arc<ProfileRuntime>, ApiError> {
+    fn get(&self, name: &str) -> Result<Arc<ProfileRuntime>, DaemonError> {
         self.profiles()
             .get(name)
             .cloned()
-            .ok_or_else(|| unknown(name))
+            .ok_or_else(|| DaemonError::UnknownProfile(name.to_owned()))
     }
 
     /// Terminates the sessions a previous run of the daemon left open (it was killed
@@ -125,11 +136,10 @@ impl Daemon {
     pub fn bastion_events(
         &self,
         name: &str,
-    ) -> Result<tokio::sync::broadcast::Receiver<Progress>, ApiError> {
-        self.get(name)?.bastion_events().ok_or_else(|| ApiError {
-            code: "no_bastion".into(),
-            message: format!("profile {name:?} has no on-demand bastion (no bastion section)"),
-        })
+    ) -> Result<tokio::sync::broadcast::Receiver<Progress>, DaemonError> {
+        self.get(name)?
+            .bastion_events()
+            .ok_or_else(|| DaemonError::NoBastion(name.to_owned()))
     }
 
     /// Opens every profile marked `autostart`. Failures are recorded on the profile.
@@ -142,7 +152,7 @@ impl Daemon {
             .collect();
         for p in auto {
             if let Err(e) = p.open(false, None).await {
-                tracing::warn!(profile = %p.profile().name, error = %e.message, "autostart failed");
+                tracing::warn!(profile = %p.profile().name, error = %e, "autostart failed");
             }
         }
     }
@@ -153,17 +163,17 @@ impl Daemon {
         name: &str,
         warm: bool,
         progress: Option<mpsc::Sender<Progress>>,
-    ) -> Result<ProfileStatus, ApiError> {
-        self.get(name)?.open(warm, progress).await
+    ) -> Result<ProfileStatus, DaemonError> {
+        Ok(self.get(name)?.open(warm, progress).await?)
     }
 
     /// `bastionctl close`.
-    pub async fn close(&self, name: &str) -> Result<ProfileStatus, ApiError> {
+    pub async fn close(&self, name: &str) -> Result<ProfileStatus, DaemonError> {
         Ok(self.get(name)?.close().await)
     }
 
     /// `bastionctl status NAME`.
-    pub fn status(&self, name: &str) -> Result<ProfileStatus, ApiError> {
+    pub fn status(&self, name: &str) -> Result<ProfileStatus, DaemonError> {
         Ok(self.get(name)?.status())
     }
 
@@ -174,12 +184,9 @@ impl Daemon {
 
     /// Re-reads the configuration. Unchanged profiles keep their listeners and
     /// sessions; changed ones are closed and, if they were open, reopened.
-    pub async fn reload(&self) -> Result<ReloadResult, ApiError> {
+    pub async fn reload(&self) -> Result<ReloadResult, DaemonError> {
         let _guard = self.reload_lock.lock().await;
-        let config = Config::load(&self.config_path).map_err(|e| ApiError {
-            code: "bad_config".into(),
-            message: format!("configuration not reloaded:\n{e}"),
-        })?;
+        let config = Config::load(&self.config_path).map_err(DaemonError::BadConfig)?;
         let mut result = ReloadResult::default();
         let old: BTreeMap<_, _> = self.profiles().clone();
         let mut next = BTreeMap::new();
@@ -241,10 +248,8 @@ impl Daemon {
         self.start_bastions();
         for rt in reopen {
             if let Err(e) = rt.open(false, None).await {
-                tracing::warn!(profile = %rt.profile().name, error = %e.message, "reopen after reload failed");
-                result
-                    .failed
-                    .push(format!("{}: {}", rt.profile().name, e.message));
+                tracing::warn!(profile = %rt.profile().name, error = %e, "reopen after reload failed");
+                result.failed.push(format!("{}: {e}", rt.profile().name));
             }
         }
         info!(?result, "configuration reloaded");

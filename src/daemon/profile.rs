@@ -14,15 +14,15 @@ use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::api::{ApiError, ProfileState, ProfileStatus, Progress};
+use crate::api::{ProfileState, ProfileStatus, Progress};
 use crate::aws::ssm::{AwsError, SsmApi, StartRequest};
 use crate::config::{DOC_REMOTE_HOST, Listen, Profile, Target};
 use crate::ondemand::Host;
-use crate::ondemand::manager::{Bastions, Decision};
+use crate::ondemand::manager::{BastionError, Bastions, Decision};
 use crate::proto::session::DataMode;
 use crate::proto::version::{REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION, agent_supports_remote_host};
 use crate::transport::ssm::{
-    ResumeError, Resumer, Tunnel, TunnelConfig, TunnelStats, TunnelStream,
+    ResumeError, Resumer, Tunnel, TunnelConfig, TunnelError, TunnelStats, TunnelStream,
 };
 
 /// Gives a profile its SSM API client (cached per AWS profile and region).
@@ -109,11 +109,75 @@ struct TagResolution {
     instance: Option<String>,
 }
 
-fn user_error(code: &str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        code: code.to_owned(),
-        message: message.into(),
-    }
+/// Why a profile could not open or a connection found no session. Kept typed inside
+/// the daemon: the control API gives each variant its error code, and the message (in
+/// words a user can act on) is also the profile's `last_error`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// A TCP listen address is taken by another process.
+    #[error("profile {profile}: cannot listen on {addr}: {source}")]
+    PortInUse {
+        /// The profile.
+        profile: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// A listener could not be opened for another reason (a Unix socket path included,
+    /// even when another process listens on it).
+    #[error("profile {profile}: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The profile.
+        profile: String,
+        /// The address or socket path.
+        addr: String,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// `target_tags`: the EC2 client or DescribeInstances failed (described for the
+    /// profile: region, credentials, permissions).
+    #[error("{0}")]
+    Ec2Lookup(String),
+    /// `target_tags`: no running instance carries the tags.
+    #[error("{0}")]
+    NoMatchingInstance(String),
+    /// StartSession failed (described for the profile, with what to check).
+    #[error("{0}")]
+    StartSession(String),
+    /// An on-demand bastion needs the daemon's state directory, and there is none.
+    #[error(
+        "profile {profile} launches its bastion on demand, but the daemon has no state directory \
+         (start bastiond with --state-dir or set XDG_STATE_HOME)"
+    )]
+    NoStateDir {
+        /// The profile.
+        profile: String,
+    },
+    /// The websocket or the handshake failed, or the session ended under a new stream.
+    #[error(transparent)]
+    Session(#[from] TunnelError),
+    /// A session that just came up was gone before a connection could use it.
+    #[error("the new session ended at once")]
+    EndedAtOnce,
+    /// The agent is too old for the remote-host document: it would forward to the
+    /// instance's own port instead.
+    #[error(
+        "the SSM agent on {target} is version {agent}, too old for {} \
+         (needs {} or newer); update the agent \
+         (AWS-UpdateSSMAgent) or use a bastion with a current agent",
+        DOC_REMOTE_HOST,
+        REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION
+    )]
+    AgentTooOld {
+        /// The profile's target.
+        target: String,
+        /// The agent's version.
+        agent: String,
+    },
+    /// The on-demand bastion could not be made ready.
+    #[error(transparent)]
+    Bastion(#[from] BastionError),
 }
 
 fn describe_aws_error(profile: &Profile, e: &AwsError) -> String {
@@ -246,7 +310,7 @@ impl ProfileRuntime {
         self: &Arc<Self>,
         warm: bool,
         progress: Option<mpsc::Sender<Progress>>,
-    ) -> Result<ProfileStatus, ApiError> {
+    ) -> Result<ProfileStatus, ProfileError> {
         let started = Instant::now();
         let report = |phase: &str, detail: Option<String>| {
             if let Some(p) = &progress {
@@ -290,7 +354,7 @@ impl ProfileRuntime {
             match result {
                 Ok(t) => report("ready", Some(t.session_id().to_owned())),
                 Err(e) => {
-                    report("failed", Some(e.message.clone()));
+                    report("failed", Some(e.to_string()));
                     return Err(e);
                 }
             }
@@ -298,7 +362,7 @@ impl ProfileRuntime {
         Ok(self.status())
     }
 
-    async fn start_listeners(self: &Arc<Self>) -> Result<(), ApiError> {
+    async fn start_listeners(self: &Arc<Self>) -> Result<(), ProfileError> {
         let mut handles = Vec::new();
         let mut desc = Vec::new();
         match &self.profile.listen {
@@ -309,18 +373,20 @@ impl ProfileRuntime {
                         for h in &handles {
                             JoinHandle::abort(h);
                         }
-                        let code = if e.kind() == std::io::ErrorKind::AddrInUse {
-                            "port_in_use"
+                        let profile = self.profile.name.clone();
+                        if e.kind() == std::io::ErrorKind::AddrInUse {
+                            ProfileError::PortInUse {
+                                profile,
+                                addr,
+                                source: e,
+                            }
                         } else {
-                            "listen_failed"
-                        };
-                        user_error(
-                            code,
-                            format!(
-                                "profile {}: cannot listen on {addr}: {e}",
-                                self.profile.name
-                            ),
-                        )
+                            ProfileError::Listen {
+                                profile,
+                                addr: addr.to_string(),
+                                source: e,
+                            }
+                        }
                     })?;
                     desc.push(
                         listener
@@ -345,15 +411,10 @@ impl ProfileRuntime {
                 }
             }
             Listen::Unix(path) => {
-                let listener = bind_unix(path).map_err(|e| {
-                    user_error(
-                        "listen_failed",
-                        format!(
-                            "profile {}: cannot listen on {}: {e}",
-                            self.profile.name,
-                            path.display()
-                        ),
-                    )
+                let listener = bind_unix(path).map_err(|e| ProfileError::Listen {
+                    profile: self.profile.name.clone(),
+                    addr: path.display().to_string(),
+                    source: e,
                 })?;
                 desc.push(format!("unix:{}", path.display()));
                 let me = self.clone();
@@ -412,8 +473,8 @@ impl ProfileRuntime {
             match result {
                 Ok((up, down)) => debug!(up, down, "connection closed"),
                 Err(e) => {
-                    warn!(error = %e.message, "connection failed");
-                    self.lock().last_error = Some(e.message);
+                    warn!(error = %e, "connection failed");
+                    self.lock().last_error = Some(e.to_string());
                 }
             }
         }
@@ -421,7 +482,10 @@ impl ProfileRuntime {
         tokio::spawn(task);
     }
 
-    async fn serve_connection<C: LocalConnection>(&self, conn: C) -> Result<(u64, u64), ApiError> {
+    async fn serve_connection<C: LocalConnection>(
+        &self,
+        conn: C,
+    ) -> Result<(u64, u64), ProfileError> {
         // Boxed: starting a session (AWS calls, maybe a bastion launch) is a large
         // future, and a connection's task would otherwise keep its size for life.
         let (claim, stream) = Box::pin(self.claim_stream()).await?;
@@ -438,7 +502,7 @@ impl ProfileRuntime {
     }
 
     /// A session for a new connection, and the connection's stream on it.
-    async fn claim_stream(&self) -> Result<(Claim<'_>, TunnelStream), ApiError> {
+    async fn claim_stream(&self) -> Result<(Claim<'_>, TunnelStream), ProfileError> {
         let mut claim = self.claim_session().await?;
         let stream = match claim.tunnel.open_stream().await {
             Ok(s) => s,
@@ -448,11 +512,7 @@ impl ProfileRuntime {
                 self.forget_tunnel(&claim.tunnel);
                 drop(claim);
                 claim = self.claim_session().await?;
-                claim
-                    .tunnel
-                    .open_stream()
-                    .await
-                    .map_err(|e| user_error("session_failed", e.to_string()))?
+                claim.tunnel.open_stream().await?
             }
         };
         Ok((claim, stream))
@@ -461,7 +521,7 @@ impl ProfileRuntime {
     /// Picks the session for a new connection: the least loaded live one if it is idle
     /// or the pool is full, else a new session (one start at a time). If a new session
     /// cannot start, a busy one still serves.
-    async fn claim_session(&self) -> Result<Claim<'_>, ApiError> {
+    async fn claim_session(&self) -> Result<Claim<'_>, ProfileError> {
         if let Some(c) = self.claim_existing(false) {
             return Ok(c);
         }
@@ -470,12 +530,10 @@ impl ProfileRuntime {
             return Ok(c);
         }
         match self.add_session().await {
-            Ok(()) => self
-                .claim_existing(true)
-                .ok_or_else(|| user_error("session_failed", "the new session ended at once")),
+            Ok(()) => self.claim_existing(true).ok_or(ProfileError::EndedAtOnce),
             Err(e) => match self.claim_existing(true) {
                 Some(c) => {
-                    warn!(error = %e.message, "could not add a session to the pool; sharing a busy one");
+                    warn!(error = %e, "could not add a session to the pool; sharing a busy one");
                     Ok(c)
                 }
                 None => Err(e),
@@ -523,7 +581,7 @@ impl ProfileRuntime {
     }
 
     /// Makes sure at least one session is up (for `open --warm`).
-    async fn ensure_tunnel(&self) -> Result<Arc<Tunnel>, ApiError> {
+    async fn ensure_tunnel(&self) -> Result<Arc<Tunnel>, ProfileError> {
         let _guard = self.connecting.lock().await;
         {
             let mut inner = self.lock();
@@ -537,11 +595,11 @@ impl ProfileRuntime {
             .live
             .last()
             .map(|l| l.tunnel.clone())
-            .ok_or_else(|| user_error("session_failed", "the new session ended at once"))
+            .ok_or(ProfileError::EndedAtOnce)
     }
 
     /// Starts one more session for the pool. The caller holds `connecting`.
-    async fn add_session(&self) -> Result<(), ApiError> {
+    async fn add_session(&self) -> Result<(), ProfileError> {
         {
             let mut inner = self.lock();
             if inner.live.is_empty() {
@@ -567,7 +625,7 @@ impl ProfileRuntime {
                 if inner.live.is_empty() {
                     inner.state = ProfileState::Error;
                 }
-                inner.last_error = Some(e.message.clone());
+                inner.last_error = Some(e.to_string());
                 Err(e)
             }
         }
@@ -580,7 +638,7 @@ impl ProfileRuntime {
 
     /// The profile's EC2 client, created on first use from the same AWS settings as its
     /// SSM client.
-    async fn ec2_api(&self) -> Result<crate::aws::ec2::Ec2Api, ApiError> {
+    async fn ec2_api(&self) -> Result<crate::aws::ec2::Ec2Api, ProfileError> {
         let cached = self.tags().ec2.clone();
         if let Some(api) = cached {
             return Ok(api);
@@ -592,7 +650,7 @@ impl ProfileRuntime {
         };
         let config = crate::aws::ssm::load_config(&target).await;
         let api = crate::aws::ec2::Ec2Api::new(&config)
-            .map_err(|e| user_error("ec2_lookup_failed", describe_ec2_error(&self.profile, &e)))?;
+            .map_err(|e| ProfileError::Ec2Lookup(describe_ec2_error(&self.profile, &e)))?;
         self.tags().ec2 = Some(api.clone());
         Ok(api)
     }
@@ -605,29 +663,26 @@ impl ProfileRuntime {
         &self,
         api: &SsmApi,
         tags: &std::collections::BTreeMap<String, String>,
-    ) -> Result<crate::transport::ssm::SessionTicket, ApiError> {
+    ) -> Result<crate::aws::ssm::SessionTicket, ProfileError> {
         let wanted = crate::aws::ec2::describe_tags(tags);
         let ec2 = self.ec2_api().await?;
         let found = match ec2.running_instances_with_tags(tags).await {
             Ok(found) => found,
             Err(e) => {
                 self.tags().instance = None;
-                return Err(user_error(
-                    "ec2_lookup_failed",
-                    describe_ec2_error(&self.profile, &e),
-                ));
+                return Err(ProfileError::Ec2Lookup(describe_ec2_error(
+                    &self.profile,
+                    &e,
+                )));
             }
         };
         if found.is_empty() {
             self.tags().instance = None;
-            return Err(user_error(
-                "no_matching_instance",
-                format!(
-                    "no running instance has tags {wanted} in region {} (target_tags matches \
+            return Err(ProfileError::NoMatchingInstance(format!(
+                "no running instance has tags {wanted} in region {} (target_tags matches \
                      instances in state running that carry every listed tag with exactly that value)",
-                    ec2.region()
-                ),
-            ));
+                ec2.region()
+            )));
         }
         if found.len() > 1 {
             let ids: Vec<&str> = found.iter().map(|i| i.id.as_str()).collect();
@@ -653,26 +708,20 @@ impl ProfileRuntime {
                     not_connected.push(instance.id.clone());
                 }
                 Err(e) => {
-                    return Err(user_error(
-                        "start_session_failed",
-                        format!(
-                            "{} (instance {} chosen by tags {wanted})",
-                            describe_aws_error(&self.profile, &e),
-                            instance.id
-                        ),
-                    ));
+                    return Err(ProfileError::StartSession(format!(
+                        "{} (instance {} chosen by tags {wanted})",
+                        describe_aws_error(&self.profile, &e),
+                        instance.id
+                    )));
                 }
             }
         }
         self.tags().instance = None;
-        Err(user_error(
-            "start_session_failed",
-            format!(
-                "no instance with tags {wanted} is connected to Session Manager (tried {}); \
+        Err(ProfileError::StartSession(format!(
+            "no instance with tags {wanted} is connected to Session Manager (tried {}); \
                  is the SSM agent running on them, and can it reach the SSM endpoints?",
-                not_connected.join(", ")
-            ),
-        ))
+            not_connected.join(", ")
+        )))
     }
 
     /// A bastion launched on demand: waits until it is ready (holding the connection),
@@ -682,16 +731,11 @@ impl ProfileRuntime {
     async fn start_session_on_demand(
         &self,
         api: &SsmApi,
-    ) -> Result<crate::transport::ssm::SessionTicket, ApiError> {
+    ) -> Result<crate::aws::ssm::SessionTicket, ProfileError> {
         let Some(bastion) = &self.bastion else {
-            return Err(user_error(
-                "no_state_dir",
-                format!(
-                    "profile {} launches its bastion on demand, but the daemon has no state directory \
-                     (start bastiond with --state-dir or set XDG_STATE_HOME)",
-                    self.profile.name
-                ),
-            ));
+            return Err(ProfileError::NoStateDir {
+                profile: self.profile.name.clone(),
+            });
         };
         let ready_timeout = self
             .profile
@@ -708,13 +752,10 @@ impl ProfileRuntime {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
                 Err(e) => {
-                    return Err(user_error(
-                        "start_session_failed",
-                        format!(
-                            "{} (bastion {target})",
-                            describe_aws_error(&self.profile, &e)
-                        ),
-                    ));
+                    return Err(ProfileError::StartSession(format!(
+                        "{} (bastion {target})",
+                        describe_aws_error(&self.profile, &e)
+                    )));
                 }
             }
         }
@@ -739,7 +780,7 @@ impl ProfileRuntime {
         *ticker = Some(tokio::spawn(
             async move {
                 if let Err(e) = bastion.reconcile().await {
-                    warn!(error = %e.message, "bastion reconciliation failed");
+                    warn!(error = %e, "bastion reconciliation failed");
                 }
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -766,8 +807,8 @@ impl ProfileRuntime {
                             Err(e) => Err(e),
                         };
                         if let Err(e) = ended {
-                            warn!(error = %e.message, "cannot end the bastion");
-                            me.lock().last_error = Some(e.message);
+                            warn!(error = %e, "cannot end the bastion");
+                            me.lock().last_error = Some(e.to_string());
                         }
                     }
                 }
@@ -821,18 +862,13 @@ impl ProfileRuntime {
         }
     }
 
-    async fn start_tunnel(&self) -> Result<Tunnel, ApiError> {
+    async fn start_tunnel(&self) -> Result<Tunnel, ProfileError> {
         let api = (self.api)(&self.profile).await;
         let ticket = match &self.profile.target {
             Target::Instance(t) | Target::Ecs(t) => api
                 .start_session(&self.start_request(t.clone()))
                 .await
-                .map_err(|e| {
-                    user_error(
-                        "start_session_failed",
-                        describe_aws_error(&self.profile, &e),
-                    )
-                })?,
+                .map_err(|e| ProfileError::StartSession(describe_aws_error(&self.profile, &e)))?,
             Target::Tags(tags) => self.start_session_by_tags(&api, tags).await?,
             Target::OnDemand(_) => self.start_session_on_demand(&api).await?,
         };
@@ -866,15 +902,10 @@ impl ProfileRuntime {
                 if self.profile.document == DOC_REMOTE_HOST && !agent_supports_remote_host(&agent) {
                     // It would connect to the port on the instance itself, not remote_host.
                     self.end_session(&t).await;
-                    return Err(user_error(
-                        "agent_too_old",
-                        format!(
-                            "the SSM agent on {} is version {agent}, too old for {DOC_REMOTE_HOST} \
-                             (needs {REMOTE_HOST_SUPPORTED_FROM_AGENT_VERSION} or newer); update the agent \
-                             (AWS-UpdateSSMAgent) or use a bastion with a current agent",
-                            self.profile.target,
-                        ),
-                    ));
+                    return Err(ProfileError::AgentTooOld {
+                        target: self.profile.target.to_string(),
+                        agent,
+                    });
                 }
                 Ok(t)
             }
@@ -885,7 +916,7 @@ impl ProfileRuntime {
                 {
                     host.drop_session(&session_id);
                 }
-                Err(user_error("session_failed", e.to_string()))
+                Err(e.into())
             }
         }
     }
@@ -1014,7 +1045,7 @@ impl ProfileRuntime {
             let name = self.profile.name.clone();
             tokio::spawn(async move {
                 if let Err(e) = b.end_now(reason).await {
-                    warn!(profile = %name, error = %e.message, "cannot end the bastion");
+                    warn!(profile = %name, error = %e, "cannot end the bastion");
                 }
             });
         }

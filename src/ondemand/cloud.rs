@@ -14,13 +14,32 @@ use crate::ondemand::userdata::LaunchValues;
 /// Instance states that count as alive (not yet gone).
 const LIVE_EC2_STATES: &[&str] = &["pending", "running", "stopping", "stopped"];
 
-/// A provider call failed; the code says what kind of failure it is.
+/// What kind of provider failure a [`CloudError`] is: what the user has to change
+/// (the control API gives each its own error code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudErrorKind {
+    /// The caller lacks an IAM permission (the message names the action).
+    MissingPermission,
+    /// No capacity for the instance type or task now.
+    Capacity,
+    /// An account quota stops the launch.
+    Quota,
+    /// The profile's `bastion` settings are refused (subnet, AMI parameter, cluster, ...).
+    InvalidConfig,
+    /// No usable credentials.
+    Credentials,
+    /// Throttled.
+    Throttled,
+    /// Anything else AWS answered.
+    Aws,
+}
+
+/// A provider call failed; `kind` says what kind of failure it is.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{message}")]
 pub struct CloudError {
-    /// `missing_permission`, `capacity`, `quota`, `invalid_bastion_config`,
-    /// `credentials`, `throttled` or `aws_error`.
-    pub code: &'static str,
+    /// What kind of failure.
+    pub kind: CloudErrorKind,
     /// A sentence for the user.
     pub message: String,
     /// Whether retrying later may help.
@@ -29,17 +48,17 @@ pub struct CloudError {
 
 impl From<Ec2Error> for CloudError {
     fn from(e: Ec2Error) -> CloudError {
-        let code = match &e {
-            Ec2Error::AccessDenied { .. } => "missing_permission",
-            Ec2Error::Capacity { .. } => "capacity",
-            Ec2Error::Quota { .. } => "quota",
-            Ec2Error::InvalidParameter { .. } => "invalid_bastion_config",
-            Ec2Error::AuthFailure { .. } | Ec2Error::Credentials(_) => "credentials",
-            Ec2Error::Throttled { .. } => "throttled",
-            _ => "aws_error",
+        let kind = match &e {
+            Ec2Error::AccessDenied { .. } => CloudErrorKind::MissingPermission,
+            Ec2Error::Capacity { .. } => CloudErrorKind::Capacity,
+            Ec2Error::Quota { .. } => CloudErrorKind::Quota,
+            Ec2Error::InvalidParameter { .. } => CloudErrorKind::InvalidConfig,
+            Ec2Error::AuthFailure { .. } | Ec2Error::Credentials(_) => CloudErrorKind::Credentials,
+            Ec2Error::Throttled { .. } => CloudErrorKind::Throttled,
+            _ => CloudErrorKind::Aws,
         };
         CloudError {
-            code,
+            kind,
             retryable: e.is_retryable(),
             message: e.to_string(),
         }
@@ -49,35 +68,35 @@ impl From<Ec2Error> for CloudError {
 impl CloudError {
     /// Maps an SDK-backed (SSM, ECS) error of `action`.
     pub fn from_aws(action: &str, e: AwsError) -> CloudError {
-        let (code, message) = match &e {
+        let (kind, message) = match &e {
             AwsError::AccessDenied(m) => (
-                "missing_permission",
+                CloudErrorKind::MissingPermission,
                 format!(
                     "not authorized to perform {action} (the caller needs this IAM permission): {m}"
                 ),
             ),
-            AwsError::Credentials(_) => ("credentials", e.to_string()),
-            AwsError::Throttled(_) => ("throttled", format!("{action}: {e}")),
+            AwsError::Credentials(_) => (CloudErrorKind::Credentials, e.to_string()),
+            AwsError::Throttled(_) => (CloudErrorKind::Throttled, format!("{action}: {e}")),
             AwsError::Other { code, .. }
                 if code.contains("Capacity")
                     || code == "PlatformTaskDefinitionIncompatibilityException" =>
             {
-                ("capacity", format!("{action}: {e}"))
+                (CloudErrorKind::Capacity, format!("{action}: {e}"))
             }
             AwsError::Other { code, .. } if code.contains("Limit") || code.contains("Quota") => {
-                ("quota", format!("{action}: {e}"))
+                (CloudErrorKind::Quota, format!("{action}: {e}"))
             }
             AwsError::Other { code, .. }
                 if code.contains("InvalidParameter")
                     || code == "ClusterNotFoundException"
                     || code == "ParameterNotFound" =>
             {
-                ("invalid_bastion_config", format!("{action}: {e}"))
+                (CloudErrorKind::InvalidConfig, format!("{action}: {e}"))
             }
-            _ => ("aws_error", format!("{action}: {e}")),
+            _ => (CloudErrorKind::Aws, format!("{action}: {e}")),
         };
         CloudError {
-            code,
+            kind,
             retryable: e.is_retryable(),
             message,
         }
@@ -170,7 +189,7 @@ impl Cloud {
                     .user_data
                     .render(launch)
                     .map_err(|message| CloudError {
-                        code: "invalid_bastion_config",
+                        kind: CloudErrorKind::InvalidConfig,
                         message,
                         retryable: false,
                     })?;
@@ -343,30 +362,36 @@ mod tests {
     fn provider_errors_get_codes_a_user_can_act_on() {
         let ec2 =
             |code: &str| CloudError::from(Ec2Error::from_code("RunInstances", 400, code, "m"));
-        assert_eq!(ec2("UnauthorizedOperation").code, "missing_permission");
+        assert_eq!(
+            ec2("UnauthorizedOperation").kind,
+            CloudErrorKind::MissingPermission
+        );
         assert!(
             ec2("UnauthorizedOperation")
                 .message
                 .contains("ec2:RunInstances")
         );
-        assert_eq!(ec2("InsufficientInstanceCapacity").code, "capacity");
-        assert_eq!(ec2("VcpuLimitExceeded").code, "quota");
-        assert_eq!(ec2("InstanceLimitExceeded").code, "quota");
         assert_eq!(
-            ec2("InvalidSubnetID.NotFound").code,
-            "invalid_bastion_config"
+            ec2("InsufficientInstanceCapacity").kind,
+            CloudErrorKind::Capacity
         );
-        assert_eq!(ec2("RequestLimitExceeded").code, "throttled");
+        assert_eq!(ec2("VcpuLimitExceeded").kind, CloudErrorKind::Quota);
+        assert_eq!(ec2("InstanceLimitExceeded").kind, CloudErrorKind::Quota);
+        assert_eq!(
+            ec2("InvalidSubnetID.NotFound").kind,
+            CloudErrorKind::InvalidConfig
+        );
+        assert_eq!(ec2("RequestLimitExceeded").kind, CloudErrorKind::Throttled);
         assert!(ec2("RequestLimitExceeded").retryable);
         let aws = |e| CloudError::from_aws("ecs:RunTask", e);
         let denied = aws(AwsError::AccessDenied("no".into()));
-        assert_eq!(denied.code, "missing_permission");
+        assert_eq!(denied.kind, CloudErrorKind::MissingPermission);
         assert!(denied.message.contains("ecs:RunTask"), "{}", denied.message);
         let missing = aws(AwsError::Other {
             code: "ClusterNotFoundException".into(),
             message: "Cluster not found.".into(),
         });
-        assert_eq!(missing.code, "invalid_bastion_config");
+        assert_eq!(missing.kind, CloudErrorKind::InvalidConfig);
         assert_eq!(
             cluster_name("arn:aws:ecs:eu-west-1:1:cluster/bastions"),
             "bastions"

@@ -31,8 +31,9 @@ use super::registry::{
     DynamoRegistry, FileRegistry, Phase, ProviderKind, Record, Registry, RegistryError, record_key,
 };
 use super::userdata::LaunchValues;
-use crate::api::{ApiError, BastionStatus, Progress};
-use crate::aws::ssm::{AwsTarget, SsmApi};
+use crate::api::{BastionStatus, Progress};
+use crate::aws::ec2::Ec2Error;
+use crate::aws::ssm::{AwsError, AwsTarget, SsmApi};
 use crate::config::bastion::{OnDemand, Provider, RegistryLocation};
 
 /// How often Session Manager is polled while a bastion boots.
@@ -136,15 +137,32 @@ pub struct Bastions {
     ensure: AsyncMutex<()>,
 }
 
-fn api_error(code: &str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        code: code.to_owned(),
-        message: message.into(),
-    }
-}
-
-fn registry_error(e: RegistryError) -> ApiError {
-    api_error("registry_failed", e.to_string())
+/// Why the on-demand bastion could not be made ready or ended. The daemon keeps it
+/// typed; the control API gives each variant its error code.
+#[derive(Debug, thiserror::Error)]
+pub enum BastionError {
+    /// Who launches could not be found out (sts:GetCallerIdentity): no usable
+    /// credentials.
+    #[error("cannot tell who is launching the bastion (sts:GetCallerIdentity): {0}")]
+    Identity(AwsError),
+    /// The EC2 client could not be built (no region, bad endpoint, no credentials
+    /// provider).
+    #[error(transparent)]
+    Ec2Client(Ec2Error),
+    /// A provider call failed; the message names the profile and what was being done.
+    #[error(transparent)]
+    Cloud(CloudError),
+    /// The registry could not be read or written.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The bastion runs but did not come online with Session Manager in time; the
+    /// message says what to check.
+    #[error("{0}")]
+    NotOnline(String),
+    /// The bastion was not ready in time for another reason (another daemon still
+    /// launching or ending it).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl Bastions {
@@ -198,7 +216,7 @@ impl Bastions {
         mem.record = record;
     }
 
-    async fn ctx(&self) -> Result<&Ctx, ApiError> {
+    async fn ctx(&self) -> Result<&Ctx, BastionError> {
         self.ctx
             .get_or_try_init(|| async {
                 let config = crate::aws::ssm::load_config(&self.aws).await;
@@ -207,21 +225,13 @@ impl Bastions {
             .await
     }
 
-    async fn build_ctx(&self, config: &SdkConfig) -> Result<Ctx, ApiError> {
+    async fn build_ctx(&self, config: &SdkConfig) -> Result<Ctx, BastionError> {
         let identity = crate::aws::sts::caller_identity(config)
             .await
-            .map_err(|e| {
-                api_error(
-                    "credentials",
-                    format!(
-                        "cannot tell who is launching the bastion (sts:GetCallerIdentity): {e}"
-                    ),
-                )
-            })?;
+            .map_err(BastionError::Identity)?;
         let cloud = match &self.cfg.provider {
             Provider::Ec2(spec) => Cloud::Ec2 {
-                ec2: crate::aws::ec2::Ec2Api::new(config)
-                    .map_err(|e| api_error("aws_error", e.to_string()))?,
+                ec2: crate::aws::ec2::Ec2Api::new(config).map_err(BastionError::Ec2Client)?,
                 spec: Box::new(spec.clone()),
             },
             Provider::Fargate(spec) => Cloud::Fargate {
@@ -293,7 +303,7 @@ impl Bastions {
     /// target. Launches one if none exists (reusing a live one first), and waits at most
     /// `ready_timeout` for it, reporting progress as events. One round of decisions per
     /// registry read ([`Occasion::Use`]).
-    pub async fn ensure_ready(&self) -> Result<String, ApiError> {
+    pub async fn ensure_ready(&self) -> Result<String, BastionError> {
         let span = info_span!("bastion", profile = %self.profile);
         async {
             let ctx = self.ctx().await?;
@@ -305,15 +315,15 @@ impl Bastions {
             loop {
                 match self.decide(occasion, &round) {
                     Step::Look(Look::Record) => {
-                        let record = ctx.registry.get(&ctx.key).await.map_err(registry_error)?;
+                        let record = ctx.registry.get(&ctx.key).await?;
                         self.remember(record.clone());
                         round = Round::read(record);
                     }
                     Step::Look(look) => self.look(ctx, occasion, look, &[], &mut round).await?,
                     Step::GiveUp => {
                         let e = self.timeout_error(ctx, round.record());
-                        self.emit("failed", round.record(), Some(e.message.clone()));
-                        self.mem().last_error = Some(e.message.clone());
+                        self.emit("failed", round.record(), Some(e.to_string()));
+                        self.mem().last_error = Some(e.to_string());
                         return Err(e);
                     }
                     Step::RecordUse => {
@@ -328,7 +338,7 @@ impl Bastions {
                         match ctx.registry.put(&next, Some(record.version)).await {
                             Ok(()) => round.record = Entry::Present(Box::new(next)),
                             Err(RegistryError::Conflict(_)) => round = Round::new(),
-                            Err(e) => return Err(registry_error(e)),
+                            Err(e) => return Err(e.into()),
                         }
                     }
                     Step::HandOut { target } => {
@@ -360,14 +370,14 @@ impl Bastions {
         look: Look,
         own: &[String],
         round: &mut Round,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BastionError> {
         let resource = round
             .record()
             .and_then(|r| r.resource.clone())
             .unwrap_or_default();
         match look {
             Look::Record => {
-                *round = Round::read(ctx.registry.get(&ctx.key).await.map_err(registry_error)?);
+                *round = Round::read(ctx.registry.get(&ctx.key).await?);
             }
             // Only a tick takes the lock without waiting, and it does so itself.
             Look::Lock => round.facts.lock = Some(false),
@@ -441,7 +451,7 @@ impl Bastions {
                 round.facts.reusable = Some(found);
             }
             Look::RecordAgain => {
-                let record = ctx.registry.get(&ctx.key).await.map_err(registry_error)?;
+                let record = ctx.registry.get(&ctx.key).await?;
                 round.facts.reread = Some(record.map(|r| r.launch_id));
             }
         }
@@ -456,7 +466,7 @@ impl Bastions {
         occasion: Occasion<'_>,
         round: &Round,
         step: Step,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BastionError> {
         match &step {
             Step::Reuse(r) => return self.reuse(ctx, r).await,
             Step::Launch => return self.launch(ctx).await,
@@ -508,7 +518,7 @@ impl Bastions {
                         Ok(())
                     }
                     Err(RegistryError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(registry_error(e)),
+                    Err(e) => Err(e.into()),
                 }
             }
             Step::AwaitOnline { renew_lease } => {
@@ -532,7 +542,7 @@ impl Bastions {
                 info!(resource = %resource, "adopting the bastion of an interrupted launch");
                 match ctx.registry.put(&next, Some(record.version)).await {
                     Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(registry_error(e)),
+                    Err(e) => Err(e.into()),
                 }
             }
             Step::AwaitLaunch => {
@@ -543,14 +553,14 @@ impl Bastions {
                 info!(launch_id = %record.launch_id, "an interrupted launch left nothing; forgetting it");
                 match ctx.registry.delete(&record.key, record.version).await {
                     Ok(()) | Err(RegistryError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(registry_error(e)),
+                    Err(e) => Err(e.into()),
                 }
             }
             _ => Ok(()),
         }
     }
 
-    fn timeout_error(&self, ctx: &Ctx, record: Option<&Record>) -> ApiError {
+    fn timeout_error(&self, ctx: &Ctx, record: Option<&Record>) -> BastionError {
         let waited = self.cfg.ready_timeout.as_secs();
         match record {
             Some(r) if r.phase == Phase::WaitingOnline => {
@@ -567,35 +577,29 @@ impl Bastions {
                         ssmmessages permissions) and that its subnets reach the Session Manager endpoints"
                         .to_owned(),
                 };
-                api_error(
-                    "bastion_not_online",
-                    format!(
-                        "bastion {resource} of profile {} did not come online with Session Manager \
-                         within {waited} s; {hint}",
-                        self.profile
-                    ),
-                )
+                BastionError::NotOnline(format!(
+                    "bastion {resource} of profile {} did not come online with Session Manager \
+                     within {waited} s; {hint}",
+                    self.profile
+                ))
             }
-            Some(r) => api_error(
-                "bastion_timeout",
-                format!(
-                    "bastion of profile {} still {} after {waited} s (registry {}, holder {})",
-                    self.profile,
-                    r.phase.as_str(),
-                    ctx.registry.id(),
-                    r.holder
-                ),
-            ),
-            None => api_error(
-                "bastion_timeout",
-                format!("no bastion for profile {} after {waited} s", self.profile),
-            ),
+            Some(r) => BastionError::Timeout(format!(
+                "bastion of profile {} still {} after {waited} s (registry {}, holder {})",
+                self.profile,
+                r.phase.as_str(),
+                ctx.registry.id(),
+                r.holder
+            )),
+            None => BastionError::Timeout(format!(
+                "no bastion for profile {} after {waited} s",
+                self.profile
+            )),
         }
     }
 
     /// Reuse before create: adopts a live bastion of this scope and registry that has no
     /// record (a crash lost it).
-    async fn reuse(&self, ctx: &Ctx, r: &Resource) -> Result<(), ApiError> {
+    async fn reuse(&self, ctx: &Ctx, r: &Resource) -> Result<(), BastionError> {
         let adopted = self.adoption_record(ctx, r);
         match ctx.registry.put(&adopted, None).await {
             Ok(()) => {
@@ -604,7 +608,7 @@ impl Bastions {
                 Ok(())
             }
             Err(RegistryError::Conflict(_)) => Ok(()),
-            Err(e) => Err(registry_error(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -633,14 +637,15 @@ impl Bastions {
         }
     }
 
-    fn cloud_error(&self, doing: &str, e: CloudError) -> ApiError {
+    /// `e` with the profile and what was being done, remembered for `status`.
+    fn cloud_error(&self, doing: &str, e: CloudError) -> BastionError {
         let message = format!("profile {}: {doing}: {}", self.profile, e.message);
         self.mem().last_error = Some(message.clone());
-        api_error(e.code, message)
+        BastionError::Cloud(CloudError { message, ..e })
     }
 
     /// Records `launching`, then launches.
-    async fn launch(&self, ctx: &Ctx) -> Result<(), ApiError> {
+    async fn launch(&self, ctx: &Ctx) -> Result<(), BastionError> {
         let now = now_ms();
         let record = Record {
             key: ctx.key.clone(),
@@ -661,7 +666,7 @@ impl Bastions {
         match ctx.registry.put(&record, None).await {
             Ok(()) => {}
             Err(RegistryError::Conflict(_)) => return Ok(()),
-            Err(e) => return Err(registry_error(e)),
+            Err(e) => return Err(e.into()),
         }
         info!(launch_id = %record.launch_id, provider = ctx.cloud.kind(), "launching a bastion");
         self.emit("launching", Some(&record), None);
@@ -680,17 +685,14 @@ impl Bastions {
                 next.resource = Some(resource.id.clone());
                 next.lease_until_ms = now_ms() + ms(LEASE);
                 info!(resource = %resource.id, "bastion launched; waiting for Session Manager");
-                ctx.registry
-                    .put(&next, Some(record.version))
-                    .await
-                    .map_err(registry_error)?;
+                ctx.registry.put(&next, Some(record.version)).await?;
                 self.emit("launched", Some(&next), Some(resource.id));
                 Ok(())
             }
             Err(e) => {
                 let ambiguous = e.retryable;
                 let err = self.cloud_error("cannot launch a bastion", e);
-                warn!(error = %err.message, "launch failed");
+                warn!(error = %err, "launch failed");
                 let failed = Round::read(Some(record.clone()));
                 let step = self.decide(Occasion::LaunchFailed { ambiguous }, &failed);
                 if step == Step::ForgetLaunch
@@ -698,13 +700,13 @@ impl Bastions {
                 {
                     warn!(error = %d, "cannot remove the failed launch from the registry");
                 }
-                self.emit("failed", Some(&record), Some(err.message.clone()));
+                self.emit("failed", Some(&record), Some(err.to_string()));
                 Err(err)
             }
         }
     }
 
-    async fn forget(&self, ctx: &Ctx, record: &Record, phase: &str) -> Result<(), ApiError> {
+    async fn forget(&self, ctx: &Ctx, record: &Record, phase: &str) -> Result<(), BastionError> {
         match ctx.registry.delete(&record.key, record.version).await {
             Ok(()) => {
                 self.emit(phase, Some(record), record.resource.clone());
@@ -712,7 +714,7 @@ impl Bastions {
                 Ok(())
             }
             Err(RegistryError::Conflict(_)) => Ok(()),
-            Err(e) => Err(registry_error(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -722,7 +724,7 @@ impl Bastions {
         ctx: &Ctx,
         record: Record,
         reason: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BastionError> {
         match self.mark_terminating(ctx, record, reason).await? {
             Some(next) => self.finish_terminate(ctx, next).await,
             None => Ok(()),
@@ -735,7 +737,7 @@ impl Bastions {
         ctx: &Ctx,
         record: Record,
         reason: &str,
-    ) -> Result<Option<Record>, ApiError> {
+    ) -> Result<Option<Record>, BastionError> {
         let mut next = record.clone();
         next.version += 1;
         next.phase = Phase::Terminating;
@@ -744,7 +746,7 @@ impl Bastions {
         match ctx.registry.put(&next, Some(record.version)).await {
             Ok(()) => {}
             Err(RegistryError::Conflict(_)) => return Ok(None),
-            Err(e) => return Err(registry_error(e)),
+            Err(e) => return Err(e.into()),
         }
         info!(resource = ?next.resource, reason, "terminating the bastion");
         self.emit("terminating", Some(&next), Some(reason.to_owned()));
@@ -752,7 +754,7 @@ impl Bastions {
     }
 
     /// `terminating`: terminate (idempotent), then delete the record.
-    async fn finish_terminate(&self, ctx: &Ctx, record: Record) -> Result<(), ApiError> {
+    async fn finish_terminate(&self, ctx: &Ctx, record: Record) -> Result<(), BastionError> {
         let mut ids: Vec<String> = record.resource.iter().cloned().collect();
         if ids.is_empty() {
             let mut tags = Self::scope_tags(ctx);
@@ -784,10 +786,10 @@ impl Bastions {
         &self,
         reason: &str,
         expect: u64,
-    ) -> Result<Option<Record>, ApiError> {
+    ) -> Result<Option<Record>, BastionError> {
         let ctx = self.ctx().await?;
         let _guard = self.ensure.lock().await;
-        let round = Round::read(ctx.registry.get(&ctx.key).await.map_err(registry_error)?);
+        let round = Round::read(ctx.registry.get(&ctx.key).await?);
         match (
             self.decide(Occasion::Claim { expect }, &round),
             round.record,
@@ -804,9 +806,9 @@ impl Bastions {
     }
 
     /// Ends whatever bastion is recorded now (its profile is going away).
-    pub async fn end_now(&self, reason: &str) -> Result<(), ApiError> {
+    pub async fn end_now(&self, reason: &str) -> Result<(), BastionError> {
         let ctx = self.ctx().await?;
-        let version = match ctx.registry.get(&ctx.key).await.map_err(registry_error)? {
+        let version = match ctx.registry.get(&ctx.key).await? {
             Some(r) => r.version,
             None => return Ok(()),
         };
@@ -817,7 +819,7 @@ impl Bastions {
     }
 
     /// Second half: terminates (idempotent) and deletes the record.
-    pub async fn finish_termination(&self, record: Record) -> Result<(), ApiError> {
+    pub async fn finish_termination(&self, record: Record) -> Result<(), BastionError> {
         let ctx = self.ctx().await?;
         let _guard = self.ensure.lock().await;
         self.finish_terminate(ctx, record).await
@@ -850,7 +852,7 @@ impl Bastions {
                 if step == Step::RetryReconcile {
                     self.mem().swept_at = Some(Instant::now());
                     if let Err(e) = self.reconcile().await {
-                        debug!(profile = %self.profile, error = %e.message, "bastion reconciliation still failing");
+                        debug!(profile = %self.profile, error = %e, "bastion reconciliation still failing");
                     }
                 }
                 return Decision::Keep;
@@ -859,7 +861,7 @@ impl Bastions {
                 Step::Sweep => {
                     self.mem().swept_at = Some(Instant::now());
                     if let Err(e) = self.reconcile().await {
-                        warn!(profile = %self.profile, error = %e.message, "bastion reconciliation failed");
+                        warn!(profile = %self.profile, error = %e, "bastion reconciliation failed");
                     }
                     round = Round::new();
                 }
@@ -895,7 +897,7 @@ impl Bastions {
                         .look(ctx, occasion, look, own_sessions, &mut round)
                         .await
                     {
-                        warn!(profile = %self.profile, error = %e.message, "bastion lifecycle step failed");
+                        warn!(profile = %self.profile, error = %e, "bastion lifecycle step failed");
                         return Decision::Keep;
                     }
                 }
@@ -948,7 +950,7 @@ impl Bastions {
                 Step::Nothing => return Decision::Keep,
                 step => {
                     if let Err(e) = self.act(ctx, occasion, &round, step).await {
-                        warn!(profile = %self.profile, error = %e.message, "bastion lifecycle step failed");
+                        warn!(profile = %self.profile, error = %e, "bastion lifecycle step failed");
                     }
                     return Decision::Keep;
                 }
@@ -974,7 +976,7 @@ impl Bastions {
     /// ends expired ones, and terminates live bastions of this profile and registry that
     /// no record owns, unless a Session Manager session uses them (then they are adopted).
     /// Any failed call but DescribeSessions fails the reconciliation (it is retried).
-    pub async fn reconcile(&self) -> Result<(), ApiError> {
+    pub async fn reconcile(&self) -> Result<(), BastionError> {
         let ctx = self.ctx().await?;
         let Ok(_guard) = self.ensure.try_lock() else {
             return Ok(());
@@ -1000,7 +1002,7 @@ impl Bastions {
                 }
             }
         }
-        let record = Entry::from(ctx.registry.get(&ctx.key).await.map_err(registry_error)?);
+        let record = Entry::from(ctx.registry.get(&ctx.key).await?);
         for r in &live {
             let occasion = Occasion::Stray(r);
             let mut round = Round {

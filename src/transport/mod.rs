@@ -3,5 +3,4 @@
 
 pub mod relay;
 pub mod ssm;
-pub mod upgrade_sign;
 pub mod websocket;

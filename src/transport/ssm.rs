@@ -23,38 +23,15 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::upgrade_sign::{SignError, UpgradeHeaders, UpgradeSigner};
 use super::websocket::{self, DataChannelSocket, DialError};
+use crate::aws::ssm::{Resumed, SessionTicket};
+use crate::aws::upgrade_sign::{SignError, UpgradeHeaders, UpgradeSigner};
 use crate::proto::liveness::PingKind;
 use crate::proto::port::{PortConfig, PortEnd, PortEvent, PortSession};
 use crate::proto::session::{
     ClientConfig, ClientSession, DataMode, SessionEnd, SessionEvent, SessionInfo,
 };
 use crate::proto::smux::StreamRead;
-
-/// What StartSession (or ECS ExecuteCommand) returned. `Debug` redacts the token.
-#[derive(Clone)]
-pub struct SessionTicket {
-    /// The SessionId.
-    pub session_id: String,
-    /// The StreamUrl, used unmodified.
-    pub stream_url: String,
-    /// The TokenValue: a secret, valid briefly.
-    pub token_value: String,
-    /// The StartSession Target.
-    pub target: String,
-}
-
-impl fmt::Debug for SessionTicket {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionTicket")
-            .field("session_id", &self.session_id)
-            .field("stream_url", &self.stream_url)
-            .field("token_value", &"<redacted>")
-            .field("target", &self.target)
-            .finish()
-    }
-}
 
 /// Why a resume attempt failed.
 #[derive(Debug, Error, Clone)]
@@ -65,27 +42,6 @@ pub enum ResumeError {
     /// The session cannot be resumed (terminated, timed out, access denied).
     #[error("session cannot be resumed: {0}")]
     Fatal(String),
-}
-
-/// What ResumeSession returned. `Debug` redacts the token.
-#[derive(Clone, Default)]
-pub struct Resumed {
-    /// The new TokenValue; empty when the session timed out.
-    pub token_value: String,
-    /// The new StreamUrl, when the service returned one: \[P\] 1.2.835.0 dials it
-    /// instead of the first (whose `cell-number` may have expired), IDX `29db6846`
-    /// `sessionhandler.go` fn `ResumeSessionHandler` / `websocketchannel.go` fn
-    /// `SetStreamUrl`.
-    pub stream_url: Option<String>,
-}
-
-impl fmt::Debug for Resumed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Resumed")
-            .field("token_value", &"<redacted>")
-            .field("stream_url", &self.stream_url)
-            .finish()
-    }
 }
 
 /// Calls ResumeSession.

@@ -2,7 +2,7 @@
 //!
 //! As the plugin does ([P] `src/websocketutil/websocketutil.go` fn `OpenConnection`):
 //! the StreamUrl is used exactly as returned, no subprotocol, and the SigV4 headers of
-//! [`super::upgrade_sign`] on the upgrade GET (plugin 1.2.764.0 and later); the token
+//! [`crate::aws::upgrade_sign`] on the upgrade GET (plugin 1.2.764.0 and later); the token
 //! goes inside the first TEXT message.
 //! `wss://` uses rustls (ring) with the platform's root certificates; `ws://` is
 //! refused unless the host is a loopback address (the simulator).
@@ -24,7 +24,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::upgrade_sign::UpgradeHeaders;
+use crate::aws::install_crypto_provider;
+use crate::aws::upgrade_sign::UpgradeHeaders;
 
 /// A connected data-channel websocket.
 pub type DataChannelSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -157,12 +158,6 @@ fn check_scheme(url: &str) -> Result<(), DialError> {
         "ws" => Err(DialError::InsecureScheme(host)),
         other => Err(DialError::BadUrl(format!("unsupported scheme {other}"))),
     }
-}
-
-/// Installs ring as the process-wide rustls provider (idempotent). Both ring and
-/// aws-lc-rs may be linked in; without an explicit choice rustls refuses to pick.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The environment's proxy settings, read once per process (as the SDK's client does).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use bastion::api::{OpenEvent, ProfileState, ProfileStatus};
+use bastion::api::{ErrorCode, OpenEvent, ProfileState, ProfileStatus};
 use bastion::config::Config;
 use bastion::ctl::{Client, CtlError};
 use bastion::daemon::Daemon;
@@ -250,7 +250,7 @@ async fn warm_open_streams_ndjson_progress() {
     }
     assert_eq!(phases, ["listening", "starting_session", "failed"]);
     match last {
-        Some(OpenEvent::Error { error }) => assert_eq!(error.code, "ec2_lookup_failed"),
+        Some(OpenEvent::Error { error }) => assert_eq!(error.code, ErrorCode::Ec2LookupFailed),
         other => panic!("expected a final error line, got {other:?}"),
     }
     // The raw wire format: content type and one JSON object per line.
@@ -780,7 +780,7 @@ async fn bastionctl_warm_json_streams_events() {
         "{text}"
     );
     assert!(
-        matches!(events.last(), Some(OpenEvent::Error { error }) if error.code == "ec2_lookup_failed"),
+        matches!(events.last(), Some(OpenEvent::Error { error }) if error.code == ErrorCode::Ec2LookupFailed),
         "{text}"
     );
     let stderr = String::from_utf8(out.stderr).unwrap();
