@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::transport::relay::{LocalConnection, relay};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::api::{ProfileState, ProfileStatus, Progress};
@@ -67,18 +70,34 @@ impl Drop for Claim<'_> {
 
 struct Inner {
     state: ProfileState,
-    listeners: Vec<JoinHandle<()>>,
+    /// Stops this opening's accept loops and idle reaper (a new one per `open`).
+    listening: Option<CancellationToken>,
     listen_desc: Vec<String>,
     /// The session pool: connections are striped over up to `max_sessions` sessions.
     live: Vec<Live>,
     last_error: Option<String>,
     last_activity: Instant,
-    reaper: Option<JoinHandle<()>>,
-    /// Bytes of sessions that already ended.
-    bytes_up_done: u64,
-    bytes_down_done: u64,
-    resumes_done: u64,
-    resume_attempts_done: u64,
+    /// What the sessions that already ended carried.
+    done: Totals,
+}
+
+/// Counters summed over a profile's sessions, live and ended.
+#[derive(Clone, Debug, Default)]
+struct Totals {
+    bytes_up: u64,
+    bytes_down: u64,
+    resumes: u64,
+    resume_attempts: u64,
+}
+
+impl Totals {
+    /// Adds one session's counters.
+    fn absorb(&mut self, s: &TunnelStats) {
+        self.bytes_up += s.bytes_up;
+        self.bytes_down += s.bytes_down;
+        self.resumes += s.resumes;
+        self.resume_attempts += s.resume_attempts;
+    }
 }
 
 /// A profile's run-time state. Cheap to share.
@@ -89,7 +108,11 @@ pub struct ProfileRuntime {
     inner: Mutex<Inner>,
     opening: AsyncMutex<()>,
     connecting: AsyncMutex<()>,
-    connections: AtomicUsize,
+    /// One permit per open connection, `max_connections` in all: a permit is freed
+    /// when its connection's task ends, however it ends.
+    permits: Arc<Semaphore>,
+    /// The connections' tasks, so that shutdown can wait for them.
+    connections: TaskTracker,
     total_connections: AtomicU64,
     tags: Mutex<TagResolution>,
     /// The on-demand bastion (profiles with a `bastion` section).
@@ -247,6 +270,7 @@ impl ProfileRuntime {
             )),
             _ => None,
         };
+        let permits = Arc::new(Semaphore::new(profile.max_connections));
         Arc::new(ProfileRuntime {
             host,
             bastion,
@@ -256,20 +280,17 @@ impl ProfileRuntime {
             api,
             inner: Mutex::new(Inner {
                 state: ProfileState::Closed,
-                listeners: Vec::new(),
+                listening: None,
                 listen_desc: Vec::new(),
                 live: Vec::new(),
                 last_error: None,
                 last_activity: Instant::now(),
-                reaper: None,
-                bytes_up_done: 0,
-                bytes_down_done: 0,
-                resumes_done: 0,
-                resume_attempts_done: 0,
+                done: Totals::default(),
             }),
             opening: AsyncMutex::new(()),
             connecting: AsyncMutex::new(()),
-            connections: AtomicUsize::new(0),
+            permits,
+            connections: TaskTracker::new(),
             total_connections: AtomicU64::new(0),
             tags: Mutex::default(),
         })
@@ -363,16 +384,15 @@ impl ProfileRuntime {
     }
 
     async fn start_listeners(self: &Arc<Self>) -> Result<(), ProfileError> {
-        let mut handles = Vec::new();
+        let stop = CancellationToken::new();
         let mut desc = Vec::new();
         match &self.profile.listen {
             Listen::Tcp { addrs, port } => {
+                // Bind them all before serving any: a taken port fails the whole open.
+                let mut bound = Vec::new();
                 for ip in addrs {
                     let addr = SocketAddr::new(*ip, *port);
                     let listener = TcpListener::bind(addr).await.map_err(|e| {
-                        for h in &handles {
-                            JoinHandle::abort(h);
-                        }
                         let profile = self.profile.name.clone();
                         if e.kind() == std::io::ErrorKind::AddrInUse {
                             ProfileError::PortInUse {
@@ -393,21 +413,10 @@ impl ProfileRuntime {
                             .local_addr()
                             .map_or(addr.to_string(), |a| a.to_string()),
                     );
-                    let me = self.clone();
-                    handles.push(tokio::spawn(async move {
-                        loop {
-                            match listener.accept().await {
-                                Ok((conn, peer)) => {
-                                    let _ = conn.set_nodelay(true);
-                                    me.clone().spawn_connection(conn, peer.to_string());
-                                }
-                                Err(e) => {
-                                    warn!(error = %e, "accept failed");
-                                    tokio::time::sleep(Duration::from_millis(100)).await;
-                                }
-                            }
-                        }
-                    }));
+                    bound.push(listener);
+                }
+                for listener in bound {
+                    tokio::spawn(self.clone().accept_loop(listener, stop.clone()));
                 }
             }
             Listen::Unix(path) => {
@@ -417,58 +426,68 @@ impl ProfileRuntime {
                     source: e,
                 })?;
                 desc.push(format!("unix:{}", path.display()));
-                let me = self.clone();
-                handles.push(tokio::spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((conn, _)) => me.clone().spawn_connection(conn, "unix".into()),
-                            Err(e) => {
-                                warn!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
-                }));
+                tokio::spawn(self.clone().accept_loop(listener, stop.clone()));
             }
         }
         info!(profile = %self.profile.name, listen = %desc.join(" "), "listening");
-        let reaper = {
+        {
             let me = Arc::downgrade(self);
+            let stop = stop.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
                     let Some(me) = me.upgrade() else { return };
                     me.reap_if_idle().await;
                 }
-            })
-        };
+            });
+        }
         let mut inner = self.lock();
-        inner.listeners = handles;
+        if let Some(old) = inner.listening.replace(stop) {
+            old.cancel();
+        }
         inner.listen_desc = desc;
         inner.state = ProfileState::Listening;
-        inner.reaper = Some(reaper);
         inner.last_activity = Instant::now();
         Ok(())
     }
 
+    /// Accepts connections (TCP or Unix) until `stop`; each is served by its own task.
+    async fn accept_loop<L: Accept>(self: Arc<Self>, listener: L, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept_one() => a,
+            };
+            match accepted {
+                Ok((conn, peer)) => self.clone().spawn_connection(conn, peer),
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
     fn spawn_connection<C: LocalConnection>(self: Arc<Self>, conn: C, peer: String) {
-        let open = self.connections.fetch_add(1, Ordering::Relaxed);
-        if open >= self.profile.max_connections {
-            self.connections.fetch_sub(1, Ordering::Relaxed);
-            warn!(profile = %self.profile.name, open, "max_connections reached; refusing a connection");
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            warn!(profile = %self.profile.name, "max_connections reached; refusing a connection");
             self.lock().last_error = Some(format!(
                 "refused a connection: max_connections ({}) reached",
                 self.profile.max_connections
             ));
             return;
-        }
+        };
         let id = self.total_connections.fetch_add(1, Ordering::Relaxed) + 1;
         let span = info_span!("connection", profile = %self.profile.name, id, peer = %peer);
+        let tracker = self.connections.clone();
         let task = async move {
             self.lock().last_activity = Instant::now();
             let result = self.serve_connection(conn).await;
-            self.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
             self.lock().last_activity = Instant::now();
             match result {
                 Ok((up, down)) => debug!(up, down, "connection closed"),
@@ -479,7 +498,14 @@ impl ProfileRuntime {
             }
         }
         .instrument(span);
-        tokio::spawn(task);
+        tracker.spawn(task);
+    }
+
+    /// Connections open now.
+    fn open_connections(&self) -> usize {
+        self.profile
+            .max_connections
+            .saturating_sub(self.permits.available_permits())
     }
 
     async fn serve_connection<C: LocalConnection>(
@@ -793,7 +819,7 @@ impl ProfileRuntime {
                         .iter()
                         .map(|l| l.tunnel.session_id().to_owned())
                         .collect();
-                    let open = me.connections.load(Ordering::Relaxed);
+                    let open = me.open_connections();
                     let last_connection = me.lock().last_activity;
                     let decision = bastion.tick(open, &own, last_connection).await;
                     if let Decision::Terminate { reason, version } = decision {
@@ -823,12 +849,7 @@ impl ProfileRuntime {
         for l in live {
             info!(session_id = %l.tunnel.session_id(), reason, "ending session");
             self.end_session(&l.tunnel).await;
-            let mut inner = self.lock();
-            let s = l.tunnel.stats();
-            inner.bytes_up_done += s.bytes_up;
-            inner.bytes_down_done += s.bytes_down;
-            inner.resumes_done += s.resumes;
-            inner.resume_attempts_done += s.resume_attempts;
+            self.lock().done.absorb(&l.tunnel.stats());
         }
         let mut inner = self.lock();
         if inner.state == ProfileState::Ready {
@@ -997,11 +1018,7 @@ impl ProfileRuntime {
             .position(|l| Arc::ptr_eq(&l.tunnel, tunnel))
         {
             let old = inner.live.swap_remove(i);
-            let s = old.tunnel.stats();
-            inner.bytes_up_done += s.bytes_up;
-            inner.bytes_down_done += s.bytes_down;
-            inner.resumes_done += s.resumes;
-            inner.resume_attempts_done += s.resume_attempts;
+            inner.done.absorb(&old.tunnel.stats());
         }
     }
 
@@ -1054,43 +1071,32 @@ impl ProfileRuntime {
     /// Stops listening, ends the session and returns to Closed. Open connections are
     /// cut.
     pub async fn close(&self) -> ProfileStatus {
-        let (handles, reaper, live) = {
+        let (listening, live) = {
             let mut inner = self.lock();
             inner.state = ProfileState::Closed;
             inner.listen_desc.clear();
-            (
-                std::mem::take(&mut inner.listeners),
-                inner.reaper.take(),
-                std::mem::take(&mut inner.live),
-            )
+            (inner.listening.take(), std::mem::take(&mut inner.live))
         };
-        for h in handles.into_iter().chain(reaper) {
-            h.abort();
+        if let Some(stop) = listening {
+            stop.cancel();
         }
         if let Listen::Unix(path) = &self.profile.listen {
             let _ = std::fs::remove_file(path);
         }
         for l in live {
             self.end_session(&l.tunnel).await;
-            let s = l.tunnel.stats();
-            let mut inner = self.lock();
-            inner.bytes_up_done += s.bytes_up;
-            inner.bytes_down_done += s.bytes_down;
-            inner.resumes_done += s.resumes;
-            inner.resume_attempts_done += s.resume_attempts;
+            self.lock().done.absorb(&l.tunnel.stats());
         }
         self.status()
     }
 
     /// Stops accepting, waits up to `grace` for connections to finish, then closes.
     pub async fn shutdown(&self, grace: Duration) {
-        for h in std::mem::take(&mut self.lock().listeners) {
-            h.abort();
+        if let Some(stop) = self.lock().listening.take() {
+            stop.cancel();
         }
-        let deadline = Instant::now() + grace;
-        while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.connections.close();
+        let _ = tokio::time::timeout(grace, self.connections.wait()).await;
         self.close().await;
     }
 
@@ -1100,6 +1106,10 @@ impl ProfileRuntime {
         self.prune_ended(&mut inner);
         let first = inner.live.first();
         let stats: Vec<TunnelStats> = inner.live.iter().map(|l| l.tunnel.stats()).collect();
+        let mut totals = inner.done.clone();
+        for s in &stats {
+            totals.absorb(s);
+        }
         let remote = match &self.profile.remote_host {
             Some(host) => format!("{host}:{}", self.profile.remote_port),
             None => format!("port {} of the target", self.profile.remote_port),
@@ -1127,14 +1137,13 @@ impl ProfileRuntime {
                 DataMode::Basic => "basic".to_owned(),
                 DataMode::StandardStream => "stream".to_owned(),
             }),
-            connections: self.connections.load(Ordering::Relaxed),
+            connections: self.open_connections(),
             total_connections: self.total_connections.load(Ordering::Relaxed),
-            bytes_up: inner.bytes_up_done + stats.iter().map(|s| s.bytes_up).sum::<u64>(),
-            bytes_down: inner.bytes_down_done + stats.iter().map(|s| s.bytes_down).sum::<u64>(),
+            bytes_up: totals.bytes_up,
+            bytes_down: totals.bytes_down,
             uptime_secs: first.map(|l| l.ready_at.elapsed().as_secs()),
-            resumes: inner.resumes_done + stats.iter().map(|s| s.resumes).sum::<u64>(),
-            resume_attempts: inner.resume_attempts_done
-                + stats.iter().map(|s| s.resume_attempts).sum::<u64>(),
+            resumes: totals.resumes,
+            resume_attempts: totals.resume_attempts,
             last_error: stats
                 .iter()
                 .find(|s| s.reconnecting)
@@ -1143,6 +1152,34 @@ impl ProfileRuntime {
                 .or_else(|| stats.iter().find_map(|s| s.last_error.clone())),
             bastion: self.bastion.as_ref().map(|b| b.status()),
         }
+    }
+}
+
+/// A listener the accept loop serves: TCP or Unix.
+trait Accept: Send + Sync + 'static {
+    /// The accepted connection.
+    type Conn: LocalConnection;
+    /// The next connection and a description of its peer.
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Conn, String)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Conn = TcpStream;
+    async fn accept_one(&self) -> std::io::Result<(TcpStream, String)> {
+        let (conn, peer) = self.accept().await?;
+        // Interactive traffic (a query, its reply): no Nagle delay on the local leg.
+        let _ = conn.set_nodelay(true);
+        Ok((conn, peer.to_string()))
+    }
+}
+
+impl Accept for UnixListener {
+    type Conn = UnixStream;
+    async fn accept_one(&self) -> std::io::Result<(UnixStream, String)> {
+        let (conn, _) = self.accept().await?;
+        Ok((conn, "unix".to_owned()))
     }
 }
 

@@ -634,3 +634,107 @@ async fn access_denied_and_a_handshake_timeout_reach_bastionctl() {
     }
     assert_eq!(d.ctl(&["list"]).0, 0);
 }
+
+/// Connects to `port` and checks one echo of `data` through it.
+async fn echo_once(conn: &mut tokio::net::TcpStream, data: &[u8]) {
+    conn.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(20), conn.read_exact(&mut back))
+        .await
+        .expect("echo within 20 s")
+        .unwrap();
+    assert_eq!(back, data);
+}
+
+/// `max_connections`: the connection past the limit is closed at once with the reason
+/// in `status`, and the permit of a connection that ends is free again (held by the
+/// connection's task, released however it ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_connections_refuses_the_next_and_frees_a_slot_when_one_ends() {
+    let sim = sim(SimConfig::default()).await;
+    let echo = sim_util::echo_server().await;
+    let local = free_port();
+    let d = DaemonProcess::start(
+        &format!("{}max_connections = 2\n", profile("cap", echo, local)),
+        &sim.endpoint_url(),
+    );
+    wait_listening(local, &d);
+    let mut a = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    echo_once(&mut a, b"a").await;
+    let mut b = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    echo_once(&mut b, b"b").await;
+
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    let _ = c.write_all(b"c").await;
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .expect("the third connection is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "refused: EOF, no echo");
+    let (_, out, _) = d.ctl(&["--json", "status", "cap"]);
+    assert!(out.contains("max_connections (2) reached"), "{out}");
+    assert!(out.contains("\"connections\":2"), "{out}");
+
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = d.ctl(&["--json", "status", "cap"]);
+        if out.contains("\"connections\":1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never freed: {out}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut e = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    echo_once(&mut e, b"again").await;
+    echo_once(&mut b, b"still").await;
+    assert_no_violations(&sim);
+}
+
+/// SIGTERM stops accepting at once but lets an open connection finish (within
+/// `--grace-secs`); the daemon exits as soon as it has, without waiting out the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_open_connections_finish_then_exits_without_waiting_out_the_grace() {
+    let sim = sim(SimConfig::default()).await;
+    let echo = sim_util::echo_server().await;
+    let local = free_port();
+    let d = DaemonProcess::start(&profile("grace", echo, local), &sim.endpoint_url());
+    wait_listening(local, &d);
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    echo_once(&mut conn, b"before").await;
+    let pid = rustix::process::Pid::from_raw(d.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    // Stopped accepting: a new connection is refused (the listener is gone).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The open connection still works.
+    echo_once(&mut conn, b"after SIGTERM").await;
+    let mut d = d;
+    let closed_at = Instant::now();
+    drop(conn);
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let took = closed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "exited {took:?} after its last connection closed: it waited for the 10 s grace"
+    );
+    assert_no_violations(&sim);
+}
