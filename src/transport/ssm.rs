@@ -728,8 +728,14 @@ impl Driver {
                         PingKind::Keepalive => &b"keepalive"[..],
                         PingKind::Probe => &b"probe"[..],
                     };
-                    if let Some(w) = &self.writer {
-                        let _ = w.try_send(Message::Ping(Bytes::from_static(payload)));
+                    let queued = self.writer.as_ref().is_some_and(|w| {
+                        w.try_send(Message::Ping(Bytes::from_static(payload)))
+                            .is_ok()
+                    });
+                    if !queued {
+                        // The writer queue is full: our ping would wait behind data, so
+                        // silence proves nothing now (as while the writer is blocked).
+                        self.port.on_traffic(Instant::now());
                     }
                 }
                 PortEvent::WebsocketDead(why) => return Some(why.to_string()),
