@@ -34,8 +34,9 @@
 //! `BENCH_ONLY=transfer` runs just the unpaced upload and download (for profiling;
 //! `BASTIOND_WRAPPER` runs the daemon under a tool such as callgrind);
 //! `BENCH_ONLY=idle` just the idle connections' memory; `BENCH_ONLY=rtt` just the round
-//! trips, with and without the ack delay
-//! (`BENCH_ROUND_TRIPS` overrides their count, also in the `cargo test` smoke pass).
+//! trips, with and without the ack delay (`BENCH_ROUND_TRIPS` overrides their count,
+//! also in the `cargo test` smoke pass, and `BENCH_RTT_BYTES` their size, default 64:
+//! over 1 KiB a reply takes two agent messages).
 //!
 //! Under `cargo test` it runs a small smoke pass (every transfer's SHA-256 checked, no
 //! timing asserted, pgbench skipped unless `BENCH_PGBENCH_SECS` is set) so the harness
@@ -78,6 +79,7 @@ struct Plan {
     agg: usize,
     paced_agg: usize,
     round_trips: usize,
+    round_trip_bytes: usize,
     connects: usize,
     colds: usize,
     idle_profiles: usize,
@@ -103,6 +105,7 @@ impl Plan {
                 agg: 256 << 10,
                 paced_agg: 32 << 10,
                 round_trips: env("BENCH_ROUND_TRIPS").unwrap_or(50usize).max(1),
+                round_trip_bytes: env("BENCH_RTT_BYTES").unwrap_or(64usize).max(1),
                 connects: 5,
                 colds: 1,
                 idle_profiles: 2,
@@ -122,6 +125,7 @@ impl Plan {
             agg: (mib / 8).max(1) * MIB,
             paced_agg: MIB,
             round_trips: env("BENCH_ROUND_TRIPS").unwrap_or(10_000usize).max(1),
+            round_trip_bytes: env("BENCH_RTT_BYTES").unwrap_or(64usize).max(1),
             connects: 200,
             colds: 5,
             idle_profiles: 20,
@@ -155,7 +159,7 @@ async fn latencies(s: &mut Samples, key: &'static str, echo: u16, plan: &Plan) {
 
 /// 64-byte round trips on one connection: p50, p99, max.
 async fn round_trip_latency(s: &mut Samples, key: &'static str, echo: u16, plan: &Plan) {
-    let [p50, p99, max] = round_trips(echo, plan.round_trips).await;
+    let [p50, p99, max] = round_trips(echo, plan.round_trips, plan.round_trip_bytes).await;
     s.add(key, "rtt_p50_ms", ms(p50));
     s.add(key, "rtt_p99_ms", ms(p99));
     s.add(key, "rtt_max_ms", ms(max));
@@ -403,7 +407,10 @@ fn metrics(plan: &Plan) -> Vec<Metric> {
         ),
         m(
             "rtt_p50_ms",
-            format!("round trip p50 ms ({} × 64 B)", plan.round_trips),
+            format!(
+                "round trip p50 ms ({} × {} B)",
+                plan.round_trips, plan.round_trip_bytes
+            ),
             "1.7",
         ),
         m("rtt_p99_ms", "round trip p99 ms".into(), "4.0"),
@@ -493,7 +500,7 @@ async fn main() {
         // Warm: sessions up before anything is timed (`open --warm`, or each profile's
         // first connections).
         tunnel.warm(&["sink", "source", "pg"]);
-        let _ = round_trips(tunnel.echo, 10).await;
+        let _ = round_trips(tunnel.echo, 10, 64).await;
         for (_, port) in tunnel.striped {
             aggregate_download(port, 8, 64 << 10).await;
         }
@@ -639,6 +646,7 @@ async fn main() {
         "agg_per_conn_kib": plan.agg >> 10,
         "paced_agg_per_conn_kib": plan.paced_agg >> 10,
         "round_trips": plan.round_trips,
+        "round_trip_bytes": plan.round_trip_bytes,
         "ack_delay_ms": ACK_DELAY_MS,
         "only": std::env::var("BENCH_ONLY").ok(),
         "plugin": plan.plugin.as_ref().map(|p| plugin::version(p)),
