@@ -13,6 +13,9 @@
 //!   `max_sessions` 1 (not striped), 4 (the default) and 8: 32 MiB per connection
 //!   without pacing, 1 MiB with;
 //! * request/response latency: 10,000 sequential 64-byte round trips, p50 / p99 / max;
+//!   again with the simulated agent acknowledging every message 1 ms late
+//!   (`ack_delay_ms`, as an independent agent emulator does), on every tunnel and plugin
+//!   path, to show anything the client waits for on acknowledgements;
 //! * new-connection latency on a warm session (connect → first byte back), p50 / p99;
 //! * cold paths: `bastionctl open --warm` → first byte, and `bastiond` spawned → first
 //!   byte (5 of each per run);
@@ -30,7 +33,10 @@
 //!
 //! `BENCH_ONLY=transfer` runs just the unpaced upload and download (for profiling;
 //! `BASTIOND_WRAPPER` runs the daemon under a tool such as callgrind);
-//! `BENCH_ONLY=idle` just the idle connections' memory.
+//! `BENCH_ONLY=idle` just the idle connections' memory; `BENCH_ONLY=rtt` just the round
+//! trips, with and without the ack delay (`BENCH_ROUND_TRIPS` overrides their count,
+//! also in the `cargo test` smoke pass, and `BENCH_RTT_BYTES` their size, default 64:
+//! over 1 KiB a reply takes two agent messages).
 //!
 //! Under `cargo test` it runs a small smoke pass (every transfer's SHA-256 checked, no
 //! timing asserted, pgbench skipped unless `BENCH_PGBENCH_SECS` is set) so the harness
@@ -73,6 +79,7 @@ struct Plan {
     agg: usize,
     paced_agg: usize,
     round_trips: usize,
+    round_trip_bytes: usize,
     connects: usize,
     colds: usize,
     idle_profiles: usize,
@@ -97,7 +104,8 @@ impl Plan {
                 paced_down: 256 << 10,
                 agg: 256 << 10,
                 paced_agg: 32 << 10,
-                round_trips: 50,
+                round_trips: env("BENCH_ROUND_TRIPS").unwrap_or(50usize).max(1),
+                round_trip_bytes: env("BENCH_RTT_BYTES").unwrap_or(64usize).max(1),
                 connects: 5,
                 colds: 1,
                 idle_profiles: 2,
@@ -116,7 +124,8 @@ impl Plan {
             paced_down: env("BENCH_PACED_MIB").unwrap_or(4usize) * MIB,
             agg: (mib / 8).max(1) * MIB,
             paced_agg: MIB,
-            round_trips: 10_000,
+            round_trips: env("BENCH_ROUND_TRIPS").unwrap_or(10_000usize).max(1),
+            round_trip_bytes: env("BENCH_RTT_BYTES").unwrap_or(64usize).max(1),
             connects: 200,
             colds: 5,
             idle_profiles: 20,
@@ -142,13 +151,40 @@ fn agg_key(max_sessions: usize) -> &'static str {
 
 /// Latency and pgbench figures common to both kinds of path.
 async fn latencies(s: &mut Samples, key: &'static str, echo: u16, plan: &Plan) {
-    let [p50, p99, max] = round_trips(echo, plan.round_trips).await;
-    s.add(key, "rtt_p50_ms", ms(p50));
-    s.add(key, "rtt_p99_ms", ms(p99));
-    s.add(key, "rtt_max_ms", ms(max));
+    round_trip_latency(s, key, echo, plan).await;
     let [c50, c99] = connects(echo, plan.connects).await;
     s.add(key, "connect_p50_ms", ms(c50));
     s.add(key, "connect_p99_ms", ms(c99));
+}
+
+/// 64-byte round trips on one connection: p50, p99, max.
+async fn round_trip_latency(s: &mut Samples, key: &'static str, echo: u16, plan: &Plan) {
+    let [p50, p99, max] = round_trips(echo, plan.round_trips, plan.round_trip_bytes).await;
+    s.add(key, "rtt_p50_ms", ms(p50));
+    s.add(key, "rtt_p99_ms", ms(p99));
+    s.add(key, "rtt_max_ms", ms(max));
+}
+
+/// The agent's ack delay of the "acks 1 ms late" paths: what an independent agent
+/// emulator used (issue 12 item 12), with the agent's 1 ms pacing.
+const ACK_DELAY_MS: u64 = 1;
+
+/// Round trips again with the simulated agent acknowledging every message
+/// [`ACK_DELAY_MS`] late (a live fault knob: the sessions stay up), under `key`. Only
+/// round trips: another 200 new connections would meet the `connects` just measured,
+/// which linger half-closed for up to 3 s, at the profile's connection limit.
+async fn round_trips_acks_late(
+    s: &mut Samples,
+    key: &'static str,
+    sim: &SimHandle,
+    echo: u16,
+    plan: &Plan,
+) {
+    sim.update_faults(|f| f.ack_delay_ms = Some(ACK_DELAY_MS))
+        .expect("ack delay knob");
+    round_trip_latency(s, key, echo, plan).await;
+    sim.update_faults(|f| f.ack_delay_ms = None)
+        .expect("ack delay knob");
 }
 
 async fn pgbench(s: &mut Samples, key: &'static str, port: Option<u16>, plan: &Plan) {
@@ -185,6 +221,8 @@ async fn measure_direct(
 struct Measured {
     key: &'static str,
     title: &'static str,
+    /// Sample key and title of the same tunnel with the agent's acks 1 ms late.
+    acks_late: (&'static str, &'static str),
     paced: bool,
     sim: SimHandle,
     tunnel: Tunnel,
@@ -211,6 +249,7 @@ async fn measure_tunnel(s: &mut Samples, m: &Measured, servers: Servers, plan: &
         );
     }
     latencies(s, key, t.echo, plan).await;
+    round_trips_acks_late(s, m.acks_late.0, &m.sim, t.echo, plan).await;
     for _ in 0..plan.colds {
         s.add(key, "open_warm_ms", ms(t.open_warm_to_first_byte().await));
         s.add(
@@ -221,6 +260,12 @@ async fn measure_tunnel(s: &mut Samples, m: &Measured, servers: Servers, plan: &
     }
     pgbench(s, key, t.pg, plan).await;
     s.add(key, "peak_rss_mib", usage(pid).hwm_kib as f64 / 1024.0);
+}
+
+/// `BENCH_ONLY=rtt`: round trips only, acks on time and late.
+async fn measure_tunnel_round_trips(s: &mut Samples, m: &Measured, plan: &Plan) {
+    round_trip_latency(s, m.key, m.tunnel.echo, plan).await;
+    round_trips_acks_late(s, m.acks_late.0, &m.sim, m.tunnel.echo, plan).await;
 }
 
 /// `BENCH_ONLY=transfer`: one upload and one download through the unpaced tunnel, for
@@ -272,9 +317,19 @@ async fn measure_plugin(
     plugin: &str,
     servers: Servers,
     plan: &Plan,
+    rtt_only: bool,
 ) {
-    let key = if m.paced { "plugin_on" } else { "plugin_off" };
+    let (key, late) = if m.paced {
+        ("plugin_on", "plugin_on_ack1")
+    } else {
+        ("plugin_off", "plugin_off_ack1")
+    };
     let p = plugin::PluginPath::start(&m.sim, plugin, servers).await;
+    if rtt_only {
+        round_trip_latency(s, key, p.echo.port, plan).await;
+        round_trips_acks_late(s, late, &m.sim, p.echo.port, plan).await;
+        return p.stop().await;
+    }
     s.add(key, "start_ms", ms(p.start_to_first_byte));
     let data = pattern(plan.plugin_bytes);
     let down = if m.paced {
@@ -295,6 +350,7 @@ async fn measure_plugin(
     let rss = [up1.rss_kib, down1.rss_kib].into_iter().max().unwrap_or(0);
     s.add(key, "rss_mib", rss as f64 / 1024.0);
     latencies(s, key, p.echo.port, plan).await;
+    round_trips_acks_late(s, late, &m.sim, p.echo.port, plan).await;
     let peak = [p.sink.pid, p.source.pid, p.echo.pid]
         .map(|pid| usage(pid).hwm_kib)
         .into_iter()
@@ -351,7 +407,10 @@ fn metrics(plan: &Plan) -> Vec<Metric> {
         ),
         m(
             "rtt_p50_ms",
-            format!("round trip p50 ms ({} × 64 B)", plan.round_trips),
+            format!(
+                "round trip p50 ms ({} × {} B)",
+                plan.round_trips, plan.round_trip_bytes
+            ),
             "1.7",
         ),
         m("rtt_p99_ms", "round trip p99 ms".into(), "4.0"),
@@ -404,9 +463,19 @@ async fn main() {
         pg::init(port);
     }
     let mut measured = Vec::new();
-    for (key, title, pacing) in [
-        ("off", "tunnel, pacing off", Duration::ZERO),
-        ("on", "tunnel, pacing 1 ms", Duration::from_millis(1)),
+    for (key, title, pacing, acks_late) in [
+        (
+            "off",
+            "tunnel, pacing off",
+            Duration::ZERO,
+            ("off_ack1", "tunnel, pacing off, acks 1 ms late"),
+        ),
+        (
+            "on",
+            "tunnel, pacing 1 ms",
+            Duration::from_millis(1),
+            ("on_ack1", "tunnel, pacing 1 ms, acks 1 ms late"),
+        ),
     ] {
         // AWS's plugin (BENCH_PLUGIN) signs with whatever credentials its environment
         // has, none of which the simulator knows, may be older than the ClientVersion
@@ -431,13 +500,14 @@ async fn main() {
         // Warm: sessions up before anything is timed (`open --warm`, or each profile's
         // first connections).
         tunnel.warm(&["sink", "source", "pg"]);
-        let _ = round_trips(tunnel.echo, 10).await;
+        let _ = round_trips(tunnel.echo, 10, 64).await;
         for (_, port) in tunnel.striped {
             aggregate_download(port, 8, 64 << 10).await;
         }
         measured.push(Measured {
             key,
             title,
+            acks_late,
             paced: !pacing.is_zero(),
             sim,
             tunnel,
@@ -448,8 +518,27 @@ async fn main() {
         return transfer_only(&measured[0], &data, plan.down).await;
     }
     let idle_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "idle");
+    let rtt_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "rtt");
     let mut s = Samples::default();
     for run in 1..=plan.runs {
+        if rtt_only {
+            eprintln!("run {run}/{}: direct", plan.runs);
+            round_trip_latency(&mut s, "direct", servers.echo, &plan).await;
+            for m in &measured {
+                eprintln!(
+                    "run {run}/{}: {} (acks on time and late)",
+                    plan.runs, m.title
+                );
+                measure_tunnel_round_trips(&mut s, m, &plan).await;
+            }
+            if let Some(plugin) = &plan.plugin {
+                for m in &measured {
+                    eprintln!("run {run}/{}: plugin, {}", plan.runs, m.title);
+                    measure_plugin(&mut s, m, plugin, servers, &plan, true).await;
+                }
+            }
+            continue;
+        }
         if !idle_only {
             eprintln!("run {run}/{}: direct", plan.runs);
             measure_direct(&mut s, servers, pg_port, &plan, &data).await;
@@ -460,7 +549,7 @@ async fn main() {
             if let Some(plugin) = &plan.plugin {
                 for m in &measured {
                     eprintln!("run {run}/{}: plugin, {}", plan.runs, m.title);
-                    measure_plugin(&mut s, m, plugin, servers, &plan).await;
+                    measure_plugin(&mut s, m, plugin, servers, &plan, false).await;
                 }
             }
         }
@@ -499,27 +588,70 @@ async fn main() {
         paths.push(("plugin_off", format!("plugin {v}, pacing off")));
         paths.push(("plugin_on", format!("plugin {v}, pacing 1 ms")));
     }
-    println!(
-        "medians of {} run(s); {} MiB up/down, paced download {} KiB\n",
-        plan.runs,
-        plan.up / MIB,
-        plan.paced_down >> 10
-    );
-    print!("{}", report::table(&s, &metrics(&plan), &paths));
+    // The same latencies with the agent's acks late, each path beside its on-time run.
+    let mut late_paths = vec![("direct", "direct loopback".to_owned())];
+    for m in &measured {
+        late_paths.push((m.key, m.title.to_owned()));
+        late_paths.push((m.acks_late.0, m.acks_late.1.to_owned()));
+    }
+    if let Some(p) = &plan.plugin {
+        let v = plugin::version(p);
+        for (key, late, pacing) in [
+            ("plugin_off", "plugin_off_ack1", "pacing off"),
+            ("plugin_on", "plugin_on_ack1", "pacing 1 ms"),
+        ] {
+            late_paths.push((key, format!("plugin {v}, {pacing}")));
+            late_paths.push((late, format!("plugin {v}, {pacing}, acks 1 ms late")));
+        }
+    }
+    let latency_metrics: Vec<Metric> = metrics(&plan)
+        .into_iter()
+        .filter(|m| m.key.starts_with("rtt_"))
+        .collect();
+    if rtt_only {
+        println!("medians of {} run(s)\n", plan.runs);
+    } else {
+        println!(
+            "medians of {} run(s); {} MiB up/down, paced download {} KiB\n",
+            plan.runs,
+            plan.up / MIB,
+            plan.paced_down >> 10
+        );
+        print!("{}", report::table(&s, &metrics(&plan), &paths));
+        println!();
+    }
+    println!("latency with the agent's acks on time and {ACK_DELAY_MS} ms late:\n");
+    print!("{}", report::table(&s, &latency_metrics, &late_paths));
+    // Late acks must not make any client resend: what each simulator's agent counted.
+    for m in &measured {
+        let (mut data, mut dups, mut resent) = (0, 0, 0);
+        for snap in m.sim.sessions() {
+            data += snap.counters.data_messages_from_client;
+            dups += snap.counters.duplicates_from_client;
+            resent += snap.counters.retransmissions;
+        }
+        println!(
+            "{}: the agent received {data} data messages from its clients, {dups} of them \
+             again (client retransmissions), and resent {resent}",
+            m.title
+        );
+    }
     let idle = |k| s.median("idle", k).unwrap_or(0.0);
-    println!(
-        "\nidle: {:.0} connections on {} profiles ({:.0} sessions, pacing on): daemon RSS {:.1} MiB \
-         ({:.1} MiB anonymous), {:.1} MiB ({:.1} anonymous) before the connections; \
-         {:.1} KiB per connection (plugin: 13 MB RSS per tunnel process)",
-        idle("conns"),
-        plan.idle_profiles,
-        idle("sessions"),
-        idle("rss_mib"),
-        idle("anon_mib"),
-        idle("base_rss_mib"),
-        idle("base_anon_mib"),
-        idle("kib_per_conn"),
-    );
+    if !rtt_only {
+        println!(
+            "\nidle: {:.0} connections on {} profiles ({:.0} sessions, pacing on): daemon RSS {:.1} MiB \
+             ({:.1} MiB anonymous), {:.1} MiB ({:.1} anonymous) before the connections; \
+             {:.1} KiB per connection (plugin: 13 MB RSS per tunnel process)",
+            idle("conns"),
+            plan.idle_profiles,
+            idle("sessions"),
+            idle("rss_mib"),
+            idle("anon_mib"),
+            idle("base_rss_mib"),
+            idle("base_anon_mib"),
+            idle("kib_per_conn"),
+        );
+    }
     let meta = serde_json::json!({
         "runs": plan.runs,
         "up_mib": plan.up / MIB,
@@ -528,6 +660,9 @@ async fn main() {
         "agg_per_conn_kib": plan.agg >> 10,
         "paced_agg_per_conn_kib": plan.paced_agg >> 10,
         "round_trips": plan.round_trips,
+        "round_trip_bytes": plan.round_trip_bytes,
+        "ack_delay_ms": ACK_DELAY_MS,
+        "only": std::env::var("BENCH_ONLY").ok(),
         "plugin": plan.plugin.as_ref().map(|p| plugin::version(p)),
         "plugin_mib": plan.plugin_bytes / MIB,
         "connects": plan.connects,
@@ -535,10 +670,10 @@ async fn main() {
         "pgbench_secs": plan.pg_secs,
     });
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let name = if full {
-        "bench-tunnel.json"
-    } else {
-        "bench-tunnel-smoke.json"
+    let name = match (full, rtt_only) {
+        (true, false) => "bench-tunnel.json",
+        (true, true) => "bench-tunnel-rtt.json",
+        (false, _) => "bench-tunnel-smoke.json",
     };
     let out = std::path::Path::new(&target).join(name);
     let text = serde_json::to_string_pretty(&s.json(meta)).expect("json");

@@ -66,11 +66,11 @@ pub fn percentiles(mut v: Vec<Duration>) -> [Duration; 3] {
     [at(0.5), at(0.99), v[v.len() - 1]]
 }
 
-/// `n` sequential 64-byte round trips through the echo server on `port`.
-pub async fn round_trips(port: u16, n: usize) -> [Duration; 3] {
+/// `n` sequential round trips of `size` bytes through the echo server on `port`.
+pub async fn round_trips(port: u16, n: usize, size: usize) -> [Duration; 3] {
     let mut c = connect(port).await;
-    let msg = [7u8; 64];
-    let mut back = [0u8; 64];
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();

@@ -116,10 +116,19 @@ pub(super) enum Listener {
 }
 
 impl Listener {
-    /// The next connection.
+    /// The next connection. A TCP connection gets TCP_NODELAY, as every connection of
+    /// the plugin has (Go's `net` package turns Nagle's algorithm off on each TCP
+    /// connection it makes or accepts: `TCPConn.SetNoDelay`, "the default is true"), and
+    /// as the daemon's listeners do. With Nagle on, a reply that reaches us in two
+    /// messages (anything over the agent's 1 KiB per message, 1 ms apart) is written in
+    /// two pieces and the second waits for the client's delayed ACK: 1,500-byte echo
+    /// round trips through the drop-in had a p99 of ~45 ms instead of ~2.5 ms.
     pub(super) async fn accept(&self) -> std::io::Result<Accepted> {
         match self {
-            Listener::Tcp(l) => l.accept().await.map(|(c, _)| Accepted::Tcp(c)),
+            Listener::Tcp(l) => l.accept().await.map(|(c, _)| {
+                let _ = c.set_nodelay(true);
+                Accepted::Tcp(c)
+            }),
             Listener::Unix(l, _) => l.accept().await.map(|(c, _)| Accepted::Unix(c)),
         }
     }
@@ -167,6 +176,19 @@ mod tests {
             props(json!({"type": "LocalPortForwarding", "localPortNumber": "http"})),
             Err(EndpointError::BadPort("http".into()))
         );
+    }
+
+    #[tokio::test]
+    async fn accepted_tcp_connections_have_nagle_off() {
+        let (listener, opened) = LocalEndpoint::Tcp(0).bind().await.unwrap();
+        let Opened::Port(port) = opened else {
+            panic!("{opened:?}");
+        };
+        let _client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let Ok(Accepted::Tcp(conn)) = listener.accept().await else {
+            panic!("no TCP connection accepted");
+        };
+        assert!(conn.nodelay().unwrap());
     }
 
     #[tokio::test]

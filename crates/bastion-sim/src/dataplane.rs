@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::admission;
-use super::agent::{self, AgentConfig, AgentExit, SessionKind};
+use super::agent::{self, AckDelay, AgentConfig, AgentExit, SessionKind};
 use super::clock;
 use super::faults::{Direction, FaultPipe};
 use super::report::ViolationKind;
@@ -568,6 +568,13 @@ fn start_runtime(
         cfg.handshake_delay = faults
             .handshake_delay_ms
             .map_or(shared.config.agent_handshake_delay, Duration::from_millis);
+        let knobs = shared.clone();
+        cfg.ack_delay = AckDelay::live(move || {
+            knobs
+                .faults_mut()
+                .ack_delay_ms
+                .map_or(knobs.config.agent_ack_delay, Duration::from_millis)
+        });
         cfg.kind = match &session.properties {
             Some(p) => SessionKind::Port {
                 properties: p.clone(),

@@ -107,6 +107,10 @@ pub struct Faults {
     /// sends waits unread). A new websocket's OpenDataChannel is still read, so a
     /// client that resumes gets through once the knob is cleared.
     pub freeze_websockets: bool,
+    /// How long after receiving a client message the agent sends its acknowledgement,
+    /// overriding the simulator's agent default. Read for every acknowledgement, so a
+    /// change applies at once, to running sessions too.
+    pub ack_delay_ms: Option<u64>,
 }
 
 impl Faults {
@@ -404,11 +408,13 @@ mod tests {
         f.to_client.delay_ms = None;
         f.fail_start_session = Some("Bad Code".into());
         assert!(f.validate().is_err());
-        let json: Faults =
-            serde_json::from_str(r#"{"to_client":{"delay_ms":[1,2]},"refuse_resume":true}"#)
-                .unwrap();
+        let json: Faults = serde_json::from_str(
+            r#"{"to_client":{"delay_ms":[1,2]},"refuse_resume":true,"ack_delay_ms":1}"#,
+        )
+        .unwrap();
         assert_eq!(json.to_client.delay_ms, Some((1, 2)));
         assert!(json.refuse_resume);
+        assert_eq!(json.ack_delay_ms, Some(1));
         assert!(serde_json::from_str::<Faults>(r#"{"nope":1}"#).is_err());
     }
 }

@@ -124,6 +124,10 @@ pub struct SimConfig {
     pub agent_pacing: Duration,
     /// Agent delay before its HandshakeRequest. Default 0.
     pub agent_handshake_delay: Duration,
+    /// How long after receiving a client message the agent sends its acknowledgement
+    /// (the data itself is processed at once), as agent emulators that ack late do.
+    /// Default 0: the agent acks at once. [`Faults::ack_delay_ms`] overrides it.
+    pub agent_ack_delay: Duration,
     /// Accepted targets. Default [`TargetPolicy::AnyValid`].
     pub targets: TargetPolicy,
     /// Consult this EC2 endpoint for `i-` targets: such a target (also accepted by
@@ -200,6 +204,7 @@ impl Default for SimConfig {
             agent_version: DEFAULT_AGENT_VERSION.to_owned(),
             agent_pacing: Duration::from_millis(1),
             agent_handshake_delay: Duration::ZERO,
+            agent_ack_delay: Duration::ZERO,
             targets: TargetPolicy::AnyValid,
             ec2: None,
             idle_timeout: Some(Duration::from_secs(20 * 60)),

@@ -229,6 +229,7 @@ impl Agent {
             let now = Instant::now();
             self.settle(now);
             self.pump(now);
+            self.dc.release_acks(now);
             self.flush().await;
             if let Some(exit) = self.done(now) {
                 self.final_checks();
@@ -406,7 +407,9 @@ impl Agent {
         let e = self.ending.as_ref()?;
         let finished = match e.deadline {
             None => true,
-            Some(d) => self.dc.outgoing.is_empty() || now >= d,
+            // Delayed acks (the ack-delay knob) still go out: the client may be waiting
+            // for the one of its TerminateSession flag.
+            Some(d) => (self.dc.outgoing.is_empty() && !self.dc.acks_delayed()) || now >= d,
         };
         if finished {
             return self.ending.take().map(|e| e.exit);
@@ -485,6 +488,9 @@ impl Agent {
             && let Some(d) = e.deadline
         {
             at(d);
+        }
+        if let Some(a) = self.dc.next_ack_due() {
+            at(a);
         }
         let paced_wake = !self.dc.paused && self.next_pump > now;
         match &self.plugin {
@@ -745,7 +751,7 @@ impl Agent {
                     return;
                 }
             }
-            self.dc.send_ack(&msg);
+            self.dc.send_ack(&msg, now, self.cfg.ack_delay.get());
             self.dc.expected_seq += 1;
             self.drain(now);
         } else if seq > expected {
@@ -754,7 +760,7 @@ impl Agent {
             }
             // Ack and buffer only if the buffer has room; else drop silently.
             if self.dc.incoming.len() < super::datachannel::INCOMING_CAPACITY {
-                self.dc.send_ack(&msg);
+                self.dc.send_ack(&msg, now, self.cfg.ack_delay.get());
                 self.dc.incoming.insert(seq, msg);
             }
         } else {
@@ -762,7 +768,7 @@ impl Agent {
             if !retry {
                 self.env.report.count(|c| c.duplicates_from_client += 1);
             }
-            self.dc.send_ack(&msg);
+            self.dc.send_ack(&msg, now, self.cfg.ack_delay.get());
         }
     }
 

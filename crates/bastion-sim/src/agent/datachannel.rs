@@ -102,6 +102,9 @@ pub(super) struct DataChannel {
     pub rto: Duration,
     /// [A] `Pause`.
     pub paused: bool,
+    /// Acknowledgements held back by the ack-delay knob, with the time each is due, in
+    /// the order they were made (due times never decrease).
+    delayed_acks: VecDeque<(Instant, Bytes)>,
 }
 
 impl DataChannel {
@@ -120,6 +123,7 @@ impl DataChannel {
             rttvar_ns: 0.0,
             rto: DEFAULT_TRANSMISSION_TIMEOUT,
             paused: false,
+            delayed_acks: VecDeque::new(),
         }
     }
 
@@ -188,7 +192,14 @@ impl DataChannel {
     /// SchemaVersion 1, SequenceNumber 0, Flags 3, PayloadType unset (0), payload
     /// `AcknowledgeContent` of the acknowledged message with `IsSequentialMessage: true`.
     /// Acks are sent even while paused (`sendAgentMessage` does not look at `Pause`).
-    pub fn send_ack(&mut self, acked: &ClientMessage) {
+    ///
+    /// The agent writes an ack straight to its websocket, on the reader goroutine,
+    /// before it reads the next message; not through the plugin pumps, so the pumps'
+    /// 1 ms pacing never applies to acks. With `delay` (the ack-delay knob, an agent
+    /// emulator that acks late) the ack is held until `now + delay` instead, while
+    /// everything else goes on at once. Acks keep their order: one made after a longer
+    /// delay was set waits for the ones before it.
+    pub fn send_ack(&mut self, acked: &ClientMessage, now: Instant, delay: Duration) {
         let content = AcknowledgeContent {
             message_type: acked.message_type.as_str().to_owned(),
             message_id: acked.message_id.to_string(),
@@ -205,10 +216,41 @@ impl DataChannel {
             payload_type: PayloadType::Undefined,
             payload: Bytes::from(to_json(&content)),
         };
-        if let Ok(b) = msg.encode() {
+        let Ok(b) = msg.encode() else {
+            return;
+        };
+        if delay.is_zero() && self.delayed_acks.is_empty() {
             self.out.push(b);
             self.report.count(|c| c.acks_to_client += 1);
+            return;
         }
+        let due = self
+            .delayed_acks
+            .back()
+            .map_or(now + delay, |(last, _)| (*last).max(now + delay));
+        self.delayed_acks.push_back((due, b));
+    }
+
+    /// Sends the delayed acks due at `now`.
+    pub fn release_acks(&mut self, now: Instant) {
+        while let Some((due, _)) = self.delayed_acks.front()
+            && *due <= now
+        {
+            if let Some((_, b)) = self.delayed_acks.pop_front() {
+                self.out.push(b);
+                self.report.count(|c| c.acks_to_client += 1);
+            }
+        }
+    }
+
+    /// When the next delayed ack is due.
+    pub fn next_ack_due(&self) -> Option<Instant> {
+        self.delayed_acks.front().map(|(due, _)| *due)
+    }
+
+    /// True while delayed acks wait.
+    pub fn acks_delayed(&self) -> bool {
+        !self.delayed_acks.is_empty()
     }
 
     /// [A] fn `ProcessAcknowledgedMessage`: a linear scan for the acknowledged sequence
@@ -328,6 +370,52 @@ mod tests {
         assert_eq!(d.out.len(), 1);
         assert_eq!(d.outgoing.len(), OUTGOING_CAPACITY);
         assert_eq!(d.next_seq, 1);
+    }
+
+    #[test]
+    fn delayed_acks_wait_their_delay_and_keep_their_order() {
+        let mut d = dc();
+        let t0 = Instant::now();
+        let m = |seq| ClientMessage {
+            message_type: MessageType::InputStreamData,
+            schema_version: 1,
+            created_date: 1,
+            sequence_number: seq,
+            flags: 0,
+            message_id: Uuid::new_v4(),
+            payload_type: PayloadType::Output,
+            payload: Bytes::from_static(b"x"),
+        };
+        let ms = Duration::from_millis;
+        d.send_ack(&m(0), t0, ms(10));
+        // The delay shrinks: the next ack still waits for the one before it.
+        d.send_ack(&m(1), t0 + ms(1), ms(2));
+        d.send_ack(&m(2), t0 + ms(20), Duration::ZERO);
+        assert!(d.out.is_empty());
+        assert_eq!(d.next_ack_due(), Some(t0 + ms(10)));
+        d.release_acks(t0 + ms(9));
+        assert!(d.out.is_empty());
+        d.release_acks(t0 + ms(10));
+        assert_eq!(d.out.len(), 2);
+        assert_eq!(d.next_ack_due(), Some(t0 + ms(20)));
+        d.release_acks(t0 + ms(20));
+        let seqs: Vec<i64> = d
+            .out
+            .drain(..)
+            .map(|b| {
+                let a: AcknowledgeContent = bastion_proto::payload::from_json(
+                    "ack",
+                    &ClientMessage::decode(b).unwrap().payload,
+                )
+                .unwrap();
+                a.sequence_number
+            })
+            .collect();
+        assert_eq!(seqs, vec![0, 1, 2]);
+        assert!(!d.acks_delayed());
+        // Nothing held: an ack without delay goes out at once.
+        d.send_ack(&m(3), t0 + ms(30), Duration::ZERO);
+        assert_eq!(d.out.len(), 1);
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct AgentConfig {
     pub pacing: Duration,
     /// Fault knob: delay before the HandshakeRequest. Default 0.
     pub handshake_delay: Duration,
+    /// Fault knob: how long after receiving a client message the agent sends its
+    /// acknowledgement, as an agent emulator that acks late does. Default 0 (the agent
+    /// acks at once, on its websocket reader, [A] fn `handleStreamDataMessage`).
+    pub ack_delay: AckDelay,
     /// The session document's plugin.
     pub kind: SessionKind,
     /// A HandshakeResponse ClientVersion below this is a `ClientVersionUnsupported`
@@ -64,9 +68,45 @@ impl Default for AgentConfig {
             agent_version: "3.3.987.0".to_owned(),
             pacing: Duration::from_millis(1),
             handshake_delay: Duration::ZERO,
+            ack_delay: AckDelay::default(),
             kind: SessionKind::Shell,
             min_client_version: None,
         }
+    }
+}
+
+/// Where the agent reads its ack delay: read again for every acknowledgement, so that
+/// the simulator's fault knob (`POST /sim/faults` `ack_delay_ms`) applies to running
+/// sessions at once, as the other message faults do.
+#[derive(Clone)]
+pub struct AckDelay(Arc<dyn Fn() -> Duration + Send + Sync>);
+
+impl AckDelay {
+    /// Always `delay`.
+    pub fn fixed(delay: Duration) -> AckDelay {
+        AckDelay(Arc::new(move || delay))
+    }
+
+    /// Whatever `read` answers when an acknowledgement is made.
+    pub fn live(read: impl Fn() -> Duration + Send + Sync + 'static) -> AckDelay {
+        AckDelay(Arc::new(read))
+    }
+
+    /// The current delay.
+    pub fn get(&self) -> Duration {
+        (self.0)()
+    }
+}
+
+impl Default for AckDelay {
+    fn default() -> Self {
+        AckDelay::fixed(Duration::ZERO)
+    }
+}
+
+impl std::fmt::Debug for AckDelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AckDelay({:?})", self.get())
     }
 }
 

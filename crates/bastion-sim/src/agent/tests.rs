@@ -474,6 +474,72 @@ async fn acks_every_message_and_reacks_duplicates() {
     c.assert_no_violations();
 }
 
+/// The ack-delay knob: every ack (re-acks too) leaves no earlier than the delay after
+/// its message arrived, in order, while the message itself is processed at once (the
+/// HandshakeComplete that answers a HandshakeResponse is not held); a change of the knob
+/// applies to the next message. Simulated time: the agent's timers are exact.
+#[tokio::test(start_paused = true)]
+async fn ack_delay_knob_delays_every_ack_but_nothing_else() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let delay_ms = Arc::new(AtomicU64::new(50));
+    let knob = delay_ms.clone();
+    let mut cfg = port_cfg(local_props(1));
+    cfg.ack_delay =
+        super::AckDelay::live(move || Duration::from_millis(knob.load(Ordering::SeqCst)));
+    let delay = Duration::from_millis(50);
+    let mut c = Client::start(cfg);
+    let _req = c.next_stream().await;
+    let t0 = Instant::now();
+    let r = c
+        .data(
+            PayloadType::HandshakeResponse,
+            &response(NEW_CLIENT, ActionStatus::Success, ""),
+        )
+        .await;
+    // Processed at once: HandshakeComplete comes before the ack of the response.
+    let done = c.next_stream().await;
+    assert_eq!(done.payload_type, PayloadType::HandshakeComplete);
+    assert!(
+        c.acks.is_empty(),
+        "ack before HandshakeComplete: {:?}",
+        c.acks
+    );
+    assert!(t0.elapsed() < delay, "{:?}", t0.elapsed());
+    c.expect_ack(&r).await;
+    assert!(t0.elapsed() >= delay, "ack after {:?}", t0.elapsed());
+
+    // Three messages 10 ms apart: each ack no earlier than 50 ms after its message.
+    let nop = smux(3, 0, b"");
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        sent.push((c.data(PayloadType::Output, &nop).await, Instant::now()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (m, at) in &sent {
+        c.expect_ack(m).await;
+        assert!(
+            at.elapsed() >= delay,
+            "seq {} acked after {:?}",
+            m.sequence_number,
+            at.elapsed()
+        );
+    }
+    // A duplicate's re-ack is delayed as well.
+    let at = Instant::now();
+    c.send(&sent[0].0).await;
+    c.expect_ack(&sent[0].0).await;
+    assert!(at.elapsed() >= delay, "re-ack after {:?}", at.elapsed());
+
+    // Knob back to 0: the next ack is immediate.
+    delay_ms.store(0, Ordering::SeqCst);
+    let at = Instant::now();
+    let m = c.data(PayloadType::Output, &nop).await;
+    c.expect_ack(&m).await;
+    assert!(at.elapsed() < delay, "ack after {:?}", at.elapsed());
+    assert_eq!(c.report.counters().acks_to_client, 6);
+    c.assert_no_violations();
+}
+
 #[tokio::test]
 async fn out_of_order_messages_are_acked_buffered_and_processed_in_order() {
     let port = refused_port().await;

@@ -38,6 +38,9 @@ struct SimArgs {
     /// Agent delay before its HandshakeRequest, in ms.
     #[arg(long, default_value_t = 0)]
     handshake_delay_ms: u64,
+    /// Agent delay before it acknowledges each client message, in ms (0: at once).
+    #[arg(long, default_value_t = 0)]
+    agent_ack_delay_ms: u64,
     /// Accept only these targets (comma-separated); default: any i-/mi- id or ecs: target.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
@@ -129,6 +132,7 @@ impl SimArgs {
             agent_version: self.agent_version.clone(),
             agent_pacing: Duration::from_millis(self.agent_pacing_ms),
             agent_handshake_delay: Duration::from_millis(self.handshake_delay_ms),
+            agent_ack_delay: Duration::from_millis(self.agent_ack_delay_ms),
             targets: if self.targets.is_empty() {
                 TargetPolicy::AnyValid
             } else {
