@@ -226,16 +226,7 @@ async fn refused_remote_port_closes_the_client_and_the_daemon_stays_up() {
     let d = DaemonProcess::start(&profile("dead", dead, local), &sim.endpoint_url());
     wait_listening(local, &d);
     let started = Instant::now();
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local))
-        .await
-        .unwrap();
-    let _ = conn.write_all(b"hello").await;
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-        .await
-        .expect("the client connection is closed promptly")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "EOF, not data");
+    assert_closed_without_data(local, b"hello", "the client connection is closed promptly").await;
     assert!(started.elapsed() < Duration::from_secs(10));
     // The reason reaches bastionctl.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -635,7 +626,22 @@ async fn access_denied_and_a_handshake_timeout_reach_bastionctl() {
     assert_eq!(d.ctl(&["list"]).0, 0);
 }
 
-/// Connects to `port` and checks one echo of `data` through it.
+/// Connects to `port`, sends `data`, and checks that the connection is closed within
+/// 10 s with nothing read back (EOF or reset, not data).
+async fn assert_closed_without_data(port: u16, data: &[u8], what: &str) {
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _ = conn.write_all(data).await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect(what)
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{what}: EOF, not data");
+}
+
+/// Checks one echo of `data` through `conn`.
 async fn echo_once(conn: &mut tokio::net::TcpStream, data: &[u8]) {
     conn.write_all(data).await.unwrap();
     let mut back = vec![0u8; data.len()];
@@ -668,16 +674,7 @@ async fn max_connections_refuses_the_next_and_frees_a_slot_when_one_ends() {
         .unwrap();
     echo_once(&mut b, b"b").await;
 
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", local))
-        .await
-        .unwrap();
-    let _ = c.write_all(b"c").await;
-    let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
-        .await
-        .expect("the third connection is closed at once")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "refused: EOF, no echo");
+    assert_closed_without_data(local, b"c", "the third connection is closed at once").await;
     let (_, out, _) = d.ctl(&["--json", "status", "cap"]);
     assert!(out.contains("max_connections (2) reached"), "{out}");
     assert!(out.contains("\"connections\":2"), "{out}");
